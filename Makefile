@@ -1,0 +1,30 @@
+# `make run` starts the service, `make test` runs the tests; each installs what it needs, once.
+PYTHON ?= python3
+VENV ?= .venv
+LS_VERSION ?= 1.23.2
+LS_VENV ?= $(HOME)/.cache/label-studio-sam3/ls-$(LS_VERSION)
+PORT ?= 9090
+
+.PHONY: run test install label-studio-venv bench
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+# Label Studio lives in its own virtualenv: it pins versions the backend does not share.
+$(LS_VENV)/.installed:
+	test -x $(LS_VENV)/bin/python || $(PYTHON) -m venv $(LS_VENV)
+	$(LS_VENV)/bin/pip install -q label-studio==$(LS_VERSION)
+	touch $@
+
+label-studio-venv: $(LS_VENV)/.installed
+
+run: install
+	$(VENV)/bin/label-studio-sam3 serve --port $(PORT)
+
+test: install label-studio-venv
+	LS_VENV=$(LS_VENV) $(VENV)/bin/python -m pytest $(PYTEST_ARGS)

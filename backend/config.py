@@ -1,0 +1,56 @@
+"""Settings, read once from the environment (see the README's configuration table)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+
+def _env(name: str, default: str = "") -> str:
+    return os.environ.get(name, default).strip()
+
+
+def _float(name: str, default: float) -> float:
+    raw = _env(name)
+    try:
+        return float(raw) if raw else default
+    except ValueError:
+        raise SystemExit(f"{name} must be a number, got {raw!r}") from None
+
+
+@dataclass
+class Settings:
+    model: str = "facebook/sam3"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    label_studio_url: str = ""
+    label_studio_api_key: str = field(default="", repr=False)
+    basic_auth_user: str = ""
+    basic_auth_pass: str = field(default="", repr=False)
+    cache_mb: float = 2048.0  # image encodings kept for warm clicks
+    polygon_tolerance: float = 1.0  # pixels; Douglas-Peucker simplification
+    min_piece_area: float = 16.0  # pixels; smaller pieces of a mask are dropped
+    mask_threshold: float = 0.5  # probability above which a mask pixel is on
+    text_threshold: float = 0.5  # score above which a text-prompt instance is kept
+    max_image_mb: float = 50.0
+    max_image_pixels: float = 100e6
+    fetch_timeout: float = 30.0
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls) -> "Settings":
+        return cls(
+            model=_env("SAM3_MODEL", cls.model),
+            device=_env("DEVICE", cls.device).lower(),
+            label_studio_url=_env("LABEL_STUDIO_URL").rstrip("/"),
+            label_studio_api_key=_env("LABEL_STUDIO_API_KEY"),
+            basic_auth_user=_env("BASIC_AUTH_USER"),
+            basic_auth_pass=_env("BASIC_AUTH_PASS"),
+            cache_mb=_float("SAM3_CACHE_MB", cls.cache_mb),
+            polygon_tolerance=_float("SAM3_POLYGON_TOLERANCE", cls.polygon_tolerance),
+            min_piece_area=_float("SAM3_MIN_PIECE_AREA", cls.min_piece_area),
+            mask_threshold=_float("SAM3_MASK_THRESHOLD", cls.mask_threshold),
+            text_threshold=_float("SAM3_TEXT_THRESHOLD", cls.text_threshold),
+            max_image_mb=_float("SAM3_MAX_IMAGE_MB", cls.max_image_mb),
+            max_image_pixels=_float("SAM3_MAX_IMAGE_PIXELS", cls.max_image_pixels),
+            fetch_timeout=_float("SAM3_FETCH_TIMEOUT", cls.fetch_timeout),
+            log_level=_env("LOG_LEVEL", cls.log_level).upper(),
+        )

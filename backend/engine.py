@@ -1,0 +1,340 @@
+"""SAM 3 on transformers: encode an image once, then prompt it many times.
+
+`Sam3Model` answers text prompts (every instance of a concept); `Sam3TrackerModel` answers
+clicks and boxes (one object each). Both load from one `sam3_video` checkpoint and share one
+ViT: the tracker's embeddings are built from the detector's ViT output through the tracker's
+own neck, so an image costs one ViT pass whichever head is asked.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from . import metrics
+from .detections import Detections
+from .errors import BackendError
+
+log = logging.getLogger(__name__)
+
+MAX_PROMPT_TOKENS = 32  # SAM 3's text encoder has 32 positions; longer prompts raise in the model
+
+
+@dataclass
+class Encoding:
+    """Everything the heads need about one image, computed once."""
+
+    key: str
+    height: int
+    width: int
+    vision: object  # Sam3VisionEncoderOutput (detector features)
+    tracker: list[torch.Tensor]  # tracker image embeddings
+    nbytes: int
+
+
+class EncodingCache:
+    """Least-recently-used image encodings, bounded by their total size in bytes."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.total = 0
+        self._items: OrderedDict[str, Encoding] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> Encoding | None:
+        with self._lock:
+            enc = self._items.get(key)
+            if enc is not None:
+                self._items.move_to_end(key)
+            return enc
+
+    def put(self, enc: Encoding) -> None:
+        if enc.nbytes > self.max_bytes:
+            return
+        with self._lock:
+            old = self._items.pop(enc.key, None)
+            if old is not None:
+                self.total -= old.nbytes
+            self._items[enc.key] = enc
+            self.total += enc.nbytes
+            while self.total > self.max_bytes:
+                _, dropped = self._items.popitem(last=False)
+                self.total -= dropped.nbytes
+        metrics.CACHE_BYTES.set(self.total)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._items
+
+
+def image_key(image: Image.Image) -> str:
+    """Content hash: the same pixels share an encoding whatever URL they came from."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{image.mode}{image.size}".encode())
+    h.update(image.tobytes())
+    return h.hexdigest()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name in ("", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"DEVICE={name} but CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def _tensor_bytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(o) for o in obj)
+    return 0
+
+
+class Sam3Engine:
+    """`encode()` an image once, then `segment()` (points/boxes) or `detect()` (text) many times.
+
+    Model calls are serialised by one lock: the service answers requests on several threads but
+    the accelerator runs one forward at a time, and the cache keeps clicks on the same image cheap.
+    """
+
+    def __init__(self, model: str, device: str = "auto", cache_bytes: int = 2 << 30, dtype: torch.dtype | None = None):
+        self.model_id = model
+        self.device = resolve_device(device)
+        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.cache = EncodingCache(cache_bytes)
+        self.vit_passes = 0  # how many times the image encoder ran (tests and metrics read it)
+        self._text_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._lock = threading.RLock()
+        self.detector = self.tracker = self.processor = None
+
+    # ---- loading -------------------------------------------------------------------------
+    def load(self) -> "Sam3Engine":
+        from transformers import Sam3Model, Sam3Processor, Sam3TrackerModel, Sam3TrackerProcessor
+        from transformers.utils import logging as hf_logging
+
+        t0 = time.perf_counter()
+        detector = Sam3Model.from_pretrained(self.model_id, dtype=self.dtype)
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # "sam3_video checkpoint into sam3_tracker" is expected
+        try:
+            tracker = Sam3TrackerModel.from_pretrained(self.model_id, dtype=self.dtype)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        # One ViT for both heads: their weights are equal in the checkpoint.
+        tracker.vision_encoder.backbone = detector.vision_encoder.backbone
+        self.detector = detector.to(self.device).eval()
+        self.tracker = tracker.to(self.device).eval()
+        self.processor = Sam3Processor.from_pretrained(self.model_id)
+        self.tracker_processor = Sam3TrackerProcessor.from_pretrained(self.model_id)
+        self.image_size = self.processor.image_processor.size["height"]
+        log.info("loaded %s on %s (%s) in %.1fs", self.model_id, self.device, self.dtype, time.perf_counter() - t0)
+        return self
+
+    @property
+    def loaded(self) -> bool:
+        return self.detector is not None
+
+    # ---- image encoding ------------------------------------------------------------------
+    def encode(self, image: Image.Image, key: str | None = None) -> Encoding:
+        key = key or image_key(image)
+        enc = self.cache.get(key)
+        if enc is not None:
+            metrics.CACHE_EVENTS.labels("hit").inc()
+            return enc
+        metrics.CACHE_EVENTS.labels("miss").inc()
+        with self._lock:
+            enc = self.cache.get(key)  # another thread may have encoded it while we waited
+            if enc is not None:
+                return enc
+            enc = self._encode([image], [key])[0]
+            self.cache.put(enc)
+        return enc
+
+    def encode_many(self, images: Sequence[Image.Image], keys: Sequence[str] | None = None) -> list[Encoding]:
+        """Encode several images in one ViT forward; cached ones are not recomputed."""
+        keys = list(keys) if keys is not None else [image_key(im) for im in images]
+        found = {k: self.cache.get(k) for k in keys}
+        todo = [(im, k) for im, k in zip(images, keys) if found[k] is None]
+        metrics.CACHE_EVENTS.labels("hit").inc(len(images) - len(todo))
+        metrics.CACHE_EVENTS.labels("miss").inc(len(todo))
+        if todo:
+            with self._lock:
+                for enc in self._encode([im for im, _ in todo], [k for _, k in todo]):
+                    found[enc.key] = enc
+                    self.cache.put(enc)
+        return [found[k] for k in keys]
+
+    @torch.inference_mode()
+    def _encode(self, images: list[Image.Image], keys: list[str]) -> list[Encoding]:
+        from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
+
+        t0 = time.perf_counter()
+        px = self.processor.image_processor(images=[im.convert("RGB") for im in images], return_tensors="pt")
+        pixel_values = px["pixel_values"].to(self.device, self.dtype)
+        vis = self.detector.get_vision_features(pixel_values=pixel_values)
+        tracker = self._tracker_embeddings(vis.last_hidden_state)
+        self.vit_passes += 1
+        metrics.MODEL_SECONDS.labels("encode").observe(time.perf_counter() - t0)
+        out = []
+        for i, (im, key) in enumerate(zip(images, keys)):
+            one = Sam3VisionEncoderOutput(
+                last_hidden_state=vis.last_hidden_state[i : i + 1],
+                fpn_hidden_states=tuple(f[i : i + 1] for f in vis.fpn_hidden_states),
+                fpn_position_encoding=tuple(p[i : i + 1] for p in vis.fpn_position_encoding),
+            )
+            trk = [t[i : i + 1] for t in tracker]
+            nbytes = _tensor_bytes(
+                [one.last_hidden_state, list(one.fpn_hidden_states), list(one.fpn_position_encoding), trk]
+            )
+            out.append(Encoding(key, im.height, im.width, one, trk, nbytes))
+        return out
+
+    def _tracker_embeddings(self, hidden: torch.Tensor) -> list[torch.Tensor]:
+        # What Sam3TrackerModel.get_image_embeddings computes, from the shared ViT's output.
+        t = self.tracker
+        b = hidden.shape[0]
+        h, w = t.prompt_encoder.image_embedding_size
+        spatial = hidden.view(b, h, w, -1).permute(0, 3, 1, 2)
+        fpn, _ = t.vision_encoder.neck(spatial)
+        sizes = t.backbone_feature_sizes
+        maps = list(fpn[: len(sizes)])
+        maps[0] = t.mask_decoder.conv_s0(maps[0])
+        maps[1] = t.mask_decoder.conv_s1(maps[1])
+        maps[-1] = maps[-1] + t.no_memory_embedding.view(1, -1, 1, 1)
+        return [m.reshape(b, -1, *s) for m, s in zip(maps, sizes)]
+
+    # ---- points and boxes (one object each) ----------------------------------------------
+    @torch.inference_mode()
+    def segment(
+        self,
+        enc: Encoding,
+        points: Sequence[tuple[float, float]] = (),
+        labels: Sequence[int] = (),
+        box: tuple[float, float, float, float] | None = None,
+        mask_threshold: float = 0.5,
+    ) -> tuple[np.ndarray, float]:
+        """One object from clicks (pixel x, y; label 1 positive, 0 negative) and/or a pixel xyxy box.
+
+        Returns the mask at the original resolution and the model's predicted IoU as its score.
+        """
+        if not points and box is None:
+            raise BackendError("a point or a box is needed to segment an object")
+        kwargs = {"original_sizes": [[enc.height, enc.width]], "return_tensors": "pt"}
+        if points:
+            kwargs["input_points"] = [[[list(map(float, p)) for p in points]]]
+            kwargs["input_labels"] = [[[int(v) for v in labels]]]
+        if box is not None:
+            kwargs["input_boxes"] = [[list(map(float, box))]]
+        inputs = self.tracker_processor(images=None, **kwargs)
+        # A single click is ambiguous (part or whole): ask for three masks and keep the best.
+        multimask = len(points) == 1 and box is None
+        t0 = time.perf_counter()
+        with self._lock:
+            out = self.tracker(
+                image_embeddings=enc.tracker,
+                input_points=_to(inputs.get("input_points"), self.device, self.dtype),
+                input_labels=_to(inputs.get("input_labels"), self.device),
+                input_boxes=_to(inputs.get("input_boxes"), self.device, self.dtype),
+                multimask_output=multimask,
+            )
+        metrics.MODEL_SECONDS.labels("segment").observe(time.perf_counter() - t0)
+        iou = out.iou_scores[0, 0].float()  # [masks]
+        best = int(iou.argmax())
+        logits = out.pred_masks[0, 0, best : best + 1].float()  # [1, h, w] low-res logits
+        mask = self._upsample(logits, enc.height, enc.width, mask_threshold)[0]
+        return mask, float(iou[best].clamp(0, 1))
+
+    # ---- text (every instance) -----------------------------------------------------------
+    @torch.inference_mode()
+    def detect(
+        self, enc: Encoding, prompts: Sequence[str], threshold: float = 0.5, mask_threshold: float = 0.5
+    ) -> list[Detections]:
+        """Every instance of each text prompt, decoded together in one forward on the cached image.
+
+        Returns one `Detections` per prompt, labelled with the prompt, scores above `threshold`.
+        """
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+        from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
+
+        if not prompts:
+            return []
+        text, attn = self._text_features(prompts)
+        n = len(prompts)
+        v = enc.vision
+        # The image's features are expanded (a view, not a copy) to one row per prompt.
+        vision = Sam3VisionEncoderOutput(
+            last_hidden_state=v.last_hidden_state.expand(n, *v.last_hidden_state.shape[1:]),
+            fpn_hidden_states=tuple(f.expand(n, *f.shape[1:]) for f in v.fpn_hidden_states),
+            fpn_position_encoding=tuple(p.expand(n, *p.shape[1:]) for p in v.fpn_position_encoding),
+        )
+        t0 = time.perf_counter()
+        with self._lock:
+            out = self.detector(
+                vision_embeds=vision, text_embeds=BaseModelOutputWithPooling(pooler_output=text), attention_mask=attn
+            )
+        metrics.MODEL_SECONDS.labels("detect").observe(time.perf_counter() - t0)
+        scores = out.pred_logits.float().sigmoid()
+        if out.presence_logits is not None:
+            scores = scores * out.presence_logits.float().sigmoid()
+        results = []
+        for i, prompt in enumerate(prompts):
+            keep = (scores[i] > threshold).nonzero().flatten()
+            keep = keep[scores[i][keep].argsort(descending=True)]
+            # Only the kept queries are upsampled to full resolution.
+            masks = self._upsample(out.pred_masks[i, keep].float(), enc.height, enc.width, mask_threshold)
+            results.append(Detections(masks, scores[i, keep].cpu().numpy(), [prompt] * len(keep)))
+        return results
+
+    def _text_features(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected text features per prompt, computed once per distinct prompt and kept."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
+        if missing:
+            tok = self.processor.tokenizer(
+                missing, padding="max_length", max_length=MAX_PROMPT_TOKENS, truncation=False, return_tensors="pt"
+            )
+            if tok["input_ids"].shape[1] > MAX_PROMPT_TOKENS:
+                raise BackendError(f"text prompt too long for SAM 3 (at most {MAX_PROMPT_TOKENS - 2} tokens)")
+            ids = tok["input_ids"].to(self.device)
+            attn = tok["attention_mask"].to(self.device)
+            with self._lock:
+                feats = self.detector.get_text_features(input_ids=ids, attention_mask=attn).pooler_output
+            for j, p in enumerate(missing):
+                self._text_cache[p] = (feats[j : j + 1], attn[j : j + 1])
+            while len(self._text_cache) > 4096:
+                self._text_cache.popitem(last=False)
+        text = torch.cat([self._text_cache[p][0] for p in prompts])
+        attn = torch.cat([self._text_cache[p][1] for p in prompts])
+        return text, attn
+
+    def _upsample(self, logits: torch.Tensor, height: int, width: int, mask_threshold: float) -> np.ndarray:
+        """Low-res mask logits [N, h, w] -> bool masks [N, H, W] at the original size."""
+        n = logits.shape[0]
+        out = np.zeros((n, height, width), bool)
+        if n == 0:
+            return out
+        cut = math.log(mask_threshold / (1 - mask_threshold))  # sigmoid(x) > t  <=>  x > logit(t)
+        # Chunked so that a large image with many instances stays within bounded memory.
+        step = max(1, int(64e6 // (height * width)))
+        for i in range(0, n, step):
+            up = F.interpolate(logits[None, i : i + step], size=(height, width), mode="bilinear", align_corners=False)
+            out[i : i + step] = (up[0] > cut).cpu().numpy()
+        return out
+
+
+def _to(t, device, dtype=None):
+    if t is None:
+        return None
+    return t.to(device, dtype) if dtype is not None and t.is_floating_point() else t.to(device)

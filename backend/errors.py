@@ -1,0 +1,19 @@
+"""Errors that reach the user as HTTP 4xx with a JSON message."""
+
+
+class BackendError(Exception):
+    """A problem with the request or its inputs; `status` is the HTTP status to answer with."""
+
+    status = 400
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.message = message
+        if status is not None:
+            self.status = status
+
+
+class ImageError(BackendError):
+    """The task's image could not be fetched or decoded."""
+
+    status = 422

@@ -1,0 +1,110 @@
+"""What a project's label config asks of this backend, read with the SDK's parser.
+
+Output controls receive regions (PolygonLabels, BrushLabels, RectangleLabels); prompt controls carry
+the annotator's smart clicks (KeyPointLabels, smart RectangleLabels) and typed text (TextArea).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from label_studio_sdk.label_interface import LabelInterface
+
+from .errors import BackendError
+
+# Region type written for each output tag, in order of preference when a label is in several.
+OUTPUT_TYPES = {"PolygonLabels": "polygonlabels", "BrushLabels": "brushlabels", "RectangleLabels": "rectanglelabels"}
+PROMPT_TAGS = {"KeyPointLabels", "RectangleLabels", "TextArea"}
+
+
+def _truthy(value) -> bool:
+    return str(value).lower() in ("true", "1", "yes")
+
+
+@dataclass
+class Control:
+    name: str
+    tag: str
+    to_name: str
+    labels: list[str]
+    synonyms: dict[str, list[str]] = field(default_factory=dict)  # label -> predicted_values
+
+    @property
+    def type(self) -> str:
+        return OUTPUT_TYPES.get(self.tag, self.tag.lower())
+
+
+@dataclass
+class LabelConfig:
+    image: str  # name of the Image object
+    value_key: str  # task data key holding the image URL ("image" for value="$image")
+    outputs: list[Control]  # preference order: polygons, brushes, boxes
+    prompts: dict[str, Control]  # by control name
+
+    @classmethod
+    def parse(cls, xml: str) -> "LabelConfig":
+        if not xml or not xml.strip():
+            raise BackendError("label config is empty")
+        try:
+            li = LabelInterface(xml)
+        except Exception as e:  # the SDK raises several kinds on bad XML
+            raise BackendError(f"label config could not be parsed: {e}") from None
+        images = [o for o in li.objects if o.tag == "Image"]
+        if not images:
+            raise BackendError("label config has no <Image> object; this backend labels images")
+        image_names = {o.name for o in images}
+        controls = []
+        for c in li.controls:
+            to = [t for t in (c.to_name or []) if t in image_names]
+            if not to:
+                continue
+            labels = list(getattr(c, "labels", None) or [])
+            syn = {}
+            for value, tag in (getattr(c, "labels_attrs", None) or {}).items():
+                pv = (tag.attr or {}).get("predicted_values")
+                if pv:
+                    syn[value] = [s.strip() for s in pv.split(",") if s.strip()]
+            controls.append((Control(c.name, c.tag, to[0], labels, syn), c.attr or {}))
+
+        def smart(attr):
+            return _truthy(attr.get("smart")) or _truthy(attr.get("smartOnly"))
+
+        outputs = [c for c, a in controls if c.tag in ("PolygonLabels", "BrushLabels")]
+        outputs += [c for c, a in controls if c.tag == "RectangleLabels" and not smart(a)]
+        if not outputs:  # only smart rectangles: they are also where tight boxes go
+            outputs = [c for c, a in controls if c.tag == "RectangleLabels"]
+        if not outputs:
+            raise BackendError(
+                "label config has no PolygonLabels, BrushLabels or RectangleLabels for the image: "
+                "add one so that this backend has somewhere to put its regions"
+            )
+        order = list(OUTPUT_TYPES)
+        outputs.sort(key=lambda c: order.index(c.tag))
+        prompts = {c.name: c for c, a in controls if c.tag in PROMPT_TAGS}
+        image = outputs[0].to_name
+        obj = next(o for o in images if o.name == image)
+        value = (obj.value or "").lstrip("$")
+        return cls(image=image, value_key=value, outputs=outputs, prompts=prompts)
+
+    @property
+    def labels(self) -> list[str]:
+        """Every label an output control can carry, in config order, without repeats."""
+        return list(dict.fromkeys(label for c in self.outputs for label in c.labels))
+
+    def output_for(self, label: str) -> Control:
+        """The output control that carries `label` (polygon before brush before box)."""
+        for c in self.outputs:
+            if label in c.labels:
+                return c
+        raise BackendError(
+            f"label {label!r} is not in any output control ({', '.join(c.name for c in self.outputs)}); "
+            f"add it to the PolygonLabels/BrushLabels/RectangleLabels, or choose one of: {', '.join(self.labels)}"
+        )
+
+    def label_for_text(self, text: str) -> str | None:
+        """The label a typed prompt names: a label value or one of its predicted_values, any case."""
+        t = text.strip().lower()
+        for c in self.outputs:
+            for label in c.labels:
+                if t == label.lower() or t in (s.lower() for s in c.synonyms.get(label, [])):
+                    return label
+        return None

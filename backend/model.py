@@ -1,0 +1,188 @@
+"""SAM 3 as a Label Studio ML backend: prompts -> engine -> masks -> regions."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+from .base import LabelStudioMLBase
+from .config import Settings
+from .detections import Detections
+from .engine import Sam3Engine
+from .errors import BackendError
+from .images import ImageLoader, LabelStudio
+from .labelconfig import LabelConfig
+from .prompts import Prompt, parse_context
+from .regions import to_regions
+
+log = logging.getLogger(__name__)
+
+
+def checkpoint_fingerprint(model: str) -> str:
+    """Identity of the weights: a local folder by its config and weight files, a hub id by name."""
+    path = Path(model)
+    h = hashlib.sha1()
+    if path.is_dir():
+        cfg = path / "config.json"
+        h.update(cfg.read_bytes() if cfg.exists() else b"")
+        for f in sorted(path.glob("*.safetensors")):
+            h.update(f"{f.name}:{f.stat().st_size}".encode())
+    else:
+        h.update(model.encode())
+    return h.hexdigest()[:8]
+
+
+def model_version(settings: Settings, fingerprint: str) -> str:
+    """Changes when the checkpoint changes, and only then."""
+    name = Path(settings.model.rstrip("/")).name or "sam3"
+    return f"{name}-{fingerprint}"
+
+
+class Runtime:
+    """The process-wide engine, loaded once in the background so that /health and /setup answer at once."""
+
+    def __init__(self, settings: Settings, engine: Sam3Engine | None = None):
+        self.settings = settings
+        self.engine = engine
+        self.state = "ready" if engine is not None and engine.loaded else "loading"
+        self.error = ""
+        self.fingerprint = checkpoint_fingerprint(settings.model)
+        self._ready = threading.Event()
+        if self.state == "ready":
+            self._ready.set()
+
+    def start_loading(self) -> None:
+        if self.state == "ready":
+            return
+        threading.Thread(target=self._load, name="sam3-load", daemon=True).start()
+
+    def _load(self) -> None:
+        from . import metrics
+
+        try:
+            engine = Sam3Engine(self.settings.model, self.settings.device, int(self.settings.cache_mb * (1 << 20)))
+            self.engine = engine.load()
+            self.state = "ready"
+            metrics.MODEL_LOADED.set(1)
+        except Exception as e:  # reported by /health and by every predict
+            log.exception("loading %s failed", self.settings.model)
+            self.state, self.error = "failed", f"{type(e).__name__}: {e}"
+        finally:
+            self._ready.set()
+
+    def wait(self, timeout: float) -> Sam3Engine:
+        self._ready.wait(timeout)
+        if self.state == "failed":
+            raise BackendError(f"SAM 3 model {self.settings.model!r} failed to load: {self.error}", 503)
+        if self.state != "ready":
+            raise BackendError("SAM 3 model is still loading; try again in a moment", 503)
+        return self.engine
+
+
+class SAM3Backend(LabelStudioMLBase):
+    runtime: Runtime  # set by the app: one engine shared by every project
+
+    def setup(self) -> None:
+        s = self.settings
+        self.config = LabelConfig.parse(self.label_config) if self.label_config else None
+        # The token belongs to the host it came with: env token with env URL, /setup's with /setup's host
+        # (or with LABEL_STUDIO_URL, which names that same Label Studio as seen from this machine).
+        url = s.label_studio_url or self.hostname
+        token = s.label_studio_api_key or self.access_token
+        self.loader = ImageLoader(
+            LabelStudio(url, token, timeout=s.fetch_timeout) if url else None,
+            max_bytes=int(s.max_image_mb * (1 << 20)),
+            max_pixels=s.max_image_pixels,
+            timeout=s.fetch_timeout,
+        )
+        self._url_keys: OrderedDict[str, str] = OrderedDict()  # image URL -> encoding key
+        self._lock = threading.Lock()
+
+    @property
+    def model_version(self) -> str:
+        return model_version(self.settings, self.runtime.fingerprint)
+
+    # ---- predict ---------------------------------------------------------------------------
+    def predict(self, tasks: list[dict], context: dict | None = None, **kwargs) -> list[dict]:
+        if self.config is None:
+            raise BackendError("no label config: call /setup first or send label_config with the request")
+        if context and context.get("result"):
+            if len(tasks) != 1:
+                raise BackendError(f"an interactive request carries exactly one task, got {len(tasks)}")
+            return [self.predict_interactive(tasks[0], context)]
+        # Batch pre-annotation without prompts: see issue #3 (text-prompt auto-labelling).
+        return [self._prediction([], 0.0) for _ in tasks]
+
+    def predict_interactive(self, task: dict, context: dict) -> dict:
+        engine = self.runtime.wait(timeout=120)
+        enc = self._encoding(engine, task)
+        prompt = parse_context(context, self.config, enc.width, enc.height)
+        if prompt.empty:
+            return self._prediction([], 0.0)
+        label = self._label(prompt)
+        control = self.config.output_for(label)
+        s = self.settings
+        t0 = time.perf_counter()
+        if prompt.text:
+            dets = engine.detect(enc, [prompt.text], s.text_threshold, s.mask_threshold)[0].with_label(label)
+        elif len(prompt.boxes) > 1:  # several boxes: one object each
+            parts = [engine.segment(enc, box=b, mask_threshold=s.mask_threshold) for b in prompt.boxes]
+            dets = Detections(np.stack([m for m, _ in parts]), np.array([sc for _, sc in parts]), [label] * len(parts))
+        else:
+            box = prompt.boxes[0] if prompt.boxes else None
+            mask, score = engine.segment(enc, prompt.points, prompt.point_labels, box, s.mask_threshold)
+            dets = Detections(mask[None], np.array([score]), [label])
+        regions = to_regions(dets, control, tolerance=s.polygon_tolerance, min_area=s.min_piece_area)
+        log.debug("task %s: %d regions in %.3fs", task.get("id"), len(regions), time.perf_counter() - t0)
+        score = float(dets.scores.max()) if len(dets) else 0.0
+        return self._prediction(regions, score)
+
+    def _prediction(self, regions: list[dict], score: float) -> dict:
+        return {"result": regions, "score": round(score, 4), "model_version": self.model_version}
+
+    def _label(self, prompt: Prompt) -> str:
+        if prompt.label:
+            return prompt.label
+        if prompt.text:
+            label = self.config.label_for_text(prompt.text)
+            if label:
+                return label
+        labels = self.config.labels
+        if len(labels) == 1:
+            return labels[0]
+        raise BackendError(
+            "no label for this prompt: select a label before clicking, or type a label name "
+            f"(one of: {', '.join(labels)})"
+        )
+
+    def _image_url(self, task: dict) -> str:
+        data = task.get("data")
+        if not isinstance(data, dict):
+            raise BackendError(f"task {task.get('id')} has no data object")
+        key = self.config.value_key
+        if key not in data:
+            raise BackendError(f"task {task.get('id')} data has no {key!r} field (the Image's value=\"${key}\")")
+        return data[key]
+
+    def _encoding(self, engine: Sam3Engine, task: dict):
+        """The image's cached encoding; a warm click skips the download and the ViT."""
+        url = self._image_url(task)
+        with self._lock:
+            key = self._url_keys.get(url)
+        enc = engine.cache.get(key) if key else None
+        if enc is None:
+            enc = engine.encode(self.loader.load(url))
+            with self._lock:
+                self._url_keys[url] = enc.key
+                while len(self._url_keys) > 10000:
+                    self._url_keys.popitem(last=False)
+        else:
+            from . import metrics
+
+            metrics.CACHE_EVENTS.labels("hit").inc()
+        return enc

@@ -1,0 +1,53 @@
+"""Detections -> Label Studio result regions for an output control (polygon, brush or box)."""
+from __future__ import annotations
+
+import uuid
+
+from . import geometry
+from .detections import Detections
+from .labelconfig import Control
+
+
+def _region(control: Control, width: int, height: int, label: str, score: float, value: dict) -> dict:
+    value[control.type] = [label]
+    return {
+        "id": uuid.uuid4().hex[:10],
+        "from_name": control.name,
+        "to_name": control.to_name,
+        "type": control.type,
+        "original_width": width,
+        "original_height": height,
+        "image_rotation": 0,
+        "value": value,
+        "score": round(float(score), 4),
+    }
+
+
+def to_regions(dets: Detections, control: Control, *, tolerance: float = 1.0, min_area: float = 16.0) -> list[dict]:
+    """One region per instance (per piece, for polygons); every region carries its label and score."""
+    if len(dets) == 0:
+        return []
+    height, width = dets.masks.shape[1:]
+    out = []
+    for mask, score, label in zip(dets.masks, dets.scores, dets.labels):
+        if control.type == "polygonlabels":
+            for poly in geometry.mask_to_polygons(mask, tolerance=tolerance, min_area=min_area):
+                points = geometry.polygon_to_percent(poly, width, height)
+                out.append(_region(control, width, height, label, score, {"points": points, "closed": True}))
+        elif control.type == "brushlabels":
+            if mask.sum() >= min_area:
+                rle = geometry.mask_to_rle(mask)
+                out.append(_region(control, width, height, label, score, {"format": "rle", "rle": rle}))
+        else:
+            box = geometry.mask_to_box(mask)
+            if box is not None:
+                x0, y0, x1, y1 = box
+                value = {
+                    "x": x0 * 100.0 / width,
+                    "y": y0 * 100.0 / height,
+                    "width": (x1 - x0) * 100.0 / width,
+                    "height": (y1 - y0) * 100.0 / height,
+                    "rotation": 0,
+                }
+                out.append(_region(control, width, height, label, score, value))
+    return out

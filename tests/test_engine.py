@@ -1,0 +1,101 @@
+import numpy as np
+import torch
+from transformers import Sam3TrackerModel
+
+from backend.engine import Encoding, EncodingCache, Sam3Engine
+from conftest import make_image
+
+
+def test_checkpoint_loads_both_heads_from_one_folder(engine, checkpoint):
+    assert engine.detector is not None and engine.tracker is not None
+    # one ViT in memory, shared by both heads
+    assert engine.tracker.vision_encoder.backbone is engine.detector.vision_encoder.backbone
+    assert engine.image_size == 112
+
+
+def test_shared_vit_gives_the_trackers_own_embeddings(engine, checkpoint):
+    image = make_image(seed=3)
+    own = Sam3TrackerModel.from_pretrained(checkpoint).eval()
+    px = engine.processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        expected = own.get_image_embeddings(px)
+    enc = engine._encode([image], ["k"])[0]
+    for a, b in zip(expected, enc.tracker):
+        assert a.shape == b.shape
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_cached_encoding_gives_results_identical_to_a_fresh_encode(checkpoint):
+    image = make_image(seed=4)
+    cached = Sam3Engine(checkpoint, device="cpu").load()
+    enc = cached.encode(image)
+    cached.segment(enc, [(10, 20)], [1])  # warm it up with another click
+    again = cached.encode(image)
+    assert again is enc
+    mask_warm, score_warm = cached.segment(again, [(30, 12), (5, 5)], [1, 0])
+    fresh = Sam3Engine(checkpoint, device="cpu").load()
+    mask_fresh, score_fresh = fresh.segment(fresh.encode(image), [(30, 12), (5, 5)], [1, 0])
+    assert mask_warm.any()
+    assert (mask_warm == mask_fresh).all()
+    assert score_warm == score_fresh
+    det_warm = cached.detect(again, ["cat"], threshold=0.0)[0]
+    det_fresh = fresh.detect(fresh.encode(image), ["cat"], threshold=0.0)[0]
+    assert np.array_equal(det_warm.masks, det_fresh.masks)
+    assert np.allclose(det_warm.scores, det_fresh.scores, atol=1e-6)
+
+
+def test_warm_clicks_do_not_run_the_vit(checkpoint):
+    eng = Sam3Engine(checkpoint, device="cpu").load()
+    image = make_image(seed=5)
+    enc = eng.encode(image)
+    assert eng.vit_passes == 1
+    for x in range(0, 60, 10):
+        eng.segment(eng.encode(image), [(x, 20)], [1])
+    eng.detect(eng.encode(image), ["dog", "cat"], threshold=0.0)
+    assert eng.vit_passes == 1
+    eng.encode(make_image(seed=6))
+    assert eng.vit_passes == 2
+    assert eng.encode(image) is enc
+
+
+def test_single_click_picks_best_of_three_masks_and_box_gives_one_object(engine):
+    enc = engine.encode(make_image(seed=7))
+    mask, score = engine.segment(enc, [(20, 20)], [1])
+    assert mask.shape == (48, 64) and mask.dtype == bool
+    assert 0.0 <= score <= 1.0
+    box_mask, _ = engine.segment(enc, [(20, 20)], [1], box=(5, 5, 40, 40))
+    assert box_mask.shape == (48, 64)
+
+
+def test_batched_text_decode_equals_prompting_one_by_one(engine):
+    enc = engine.encode(make_image(seed=8))
+    prompts = ["cat", "red car", "a dog on grass"]
+    together = engine.detect(enc, prompts, threshold=0.0)
+    for prompt, batched in zip(prompts, together):
+        alone = engine.detect(enc, [prompt], threshold=0.0)[0]
+        assert len(alone) == len(batched) == 8  # the tiny model has 8 queries
+        assert np.allclose(alone.scores, batched.scores, atol=1e-5)
+        assert np.array_equal(alone.masks, batched.masks)
+        assert batched.labels == [prompt] * 8
+
+
+def test_text_threshold_filters_and_sorts(engine):
+    enc = engine.encode(make_image(seed=8))
+    every = engine.detect(enc, ["cat"], threshold=0.0)[0]
+    assert list(every.scores) == sorted(every.scores, reverse=True)
+    cut = float(np.median(every.scores))
+    kept = engine.detect(enc, ["cat"], threshold=cut)[0]
+    assert 0 < len(kept) < len(every)
+    assert (kept.scores > cut).all()
+
+
+def test_cache_is_bounded_by_bytes_and_evicts_least_recent():
+    cache = EncodingCache(max_bytes=250)
+    for k in "abc":
+        cache.put(Encoding(k, 1, 1, None, [], 100))
+    assert len(cache) == 2 and "a" not in cache and cache.total == 200
+    cache.get("b")  # b is now more recent than c
+    cache.put(Encoding("d", 1, 1, None, [], 100))
+    assert "b" in cache and "c" not in cache and "d" in cache
+    cache.put(Encoding("huge", 1, 1, None, [], 1000))  # larger than the whole cache: not kept
+    assert "huge" not in cache and cache.total == 200

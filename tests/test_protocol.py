@@ -1,0 +1,290 @@
+import base64
+
+import numpy as np
+import pytest
+from label_studio_sdk.converter.brush import decode_rle
+
+from backend.config import Settings
+from backend.protocol import create_app
+from conftest import CONFIG, data_uri, keypoint, make_image, png_bytes, rectangle, text
+from helpers import iou, rasterize
+from imageserver import ImageServer
+
+W, H = 64, 48
+yy, xx = np.mgrid[:H, :W]
+DISK = (xx - 30) ** 2 + (yy - 24) ** 2 < 12**2
+
+
+@pytest.fixture
+def client(settings, engine):
+    return create_app(settings, engine=engine).test_client()
+
+
+def predict(client, context=None, image=None, config=CONFIG, **kw):
+    task = {"id": 7, "data": {"image": image or data_uri(make_image())}}
+    return client.post("/predict", json={"tasks": [task], "project": "3.1700000000", "label_config": config,
+                                         "params": {"context": context}, **kw})
+
+
+def test_health_reports_model_device_source_and_version(client, settings):
+    body = client.get("/health").get_json()
+    assert body["status"] == "UP" and body["model_state"] == "ready" and body["model_loaded"] is True
+    assert body["device"] == "cpu" and body["model"] == settings.model
+    assert body["model_version"].startswith("sam3-tiny")
+    assert client.get("/").get_json()["model_version"] == body["model_version"]
+
+
+def test_setup_answers_with_model_version_while_the_model_is_still_loading(settings):
+    app = create_app(Settings(model="/nonexistent/sam3", device="cpu"))
+    c = app.test_client()
+    r = c.post("/setup", json={"project": "1.1", "schema": CONFIG, "hostname": "http://ls:8080", "access_token": "t"})
+    assert r.status_code == 200 and r.get_json()["model_version"].startswith("sam3-")
+    app.config["runtime"]._ready.wait(30)
+    health = c.get("/health").get_json()
+    assert health["model_state"] == "failed" and "nonexistent" in health["error"]
+    r = predict(c, {"result": [keypoint(50, 50)]})
+    assert r.status_code == 503 and "failed to load" in r.get_json()["error"]
+
+
+def test_keypoint_click_returns_a_labelled_polygon_in_percent(client, engine, monkeypatch):
+    seen = {}
+
+    def segment(enc, points=(), labels=(), box=None, mask_threshold=0.5):
+        seen.update(points=list(points), labels=list(labels), box=box)
+        return DISK, 0.9
+
+    monkeypatch.setattr(engine, "segment", segment)
+    r = predict(client, {"result": [keypoint(50, 50, label="dog"), keypoint(25, 25, positive=False, style="value")]})
+    assert r.status_code == 200, r.get_json()
+    body = r.get_json()
+    assert seen == {"points": [(32.0, 24.0), (16.0, 12.0)], "labels": [1, 0], "box": None}
+    assert len(body["results"]) == 1
+    pred = body["results"][0]
+    assert pred["model_version"] == body["model_version"] and pred["score"] == 0.9
+    [region] = pred["result"]
+    assert region["type"] == "polygonlabels" and region["from_name"] == "poly" and region["to_name"] == "image"
+    assert region["value"]["polygonlabels"] == ["dog"] and region["value"]["closed"] is True
+    assert region["original_width"] == W and region["original_height"] == H and region["score"] == 0.9
+    assert iou(rasterize(region["value"]["points"], W, H), DISK) >= 0.98
+
+
+def test_brush_and_box_outputs_follow_the_config(client, engine, monkeypatch):
+    monkeypatch.setattr(engine, "segment", lambda *a, **k: (DISK, 0.8))
+    brush = CONFIG.replace("PolygonLabels", "BrushLabels")
+    region = predict(client, {"result": [keypoint(50, 50)]}, config=brush).get_json()["results"][0]["result"][0]
+    assert region["type"] == "brushlabels" and region["value"]["format"] == "rle"
+    assert region["value"]["brushlabels"] == ["cat"]
+    assert (np.reshape(decode_rle(region["value"]["rle"]), (H, W, 4))[:, :, 3] > 0).tolist() == DISK.tolist()
+    boxes = CONFIG.replace("PolygonLabels", "RectangleLabels")
+    region = predict(client, {"result": [keypoint(50, 50)]}, config=boxes).get_json()["results"][0]["result"][0]
+    assert region["type"] == "rectanglelabels"
+    v = region["value"]
+    assert (v["x"], v["y"], v["width"], v["height"]) == pytest.approx((19 / 64 * 100, 13 / 48 * 100, 23 / 64 * 100,
+                                                                        23 / 48 * 100))
+
+
+def test_rectangle_prompt_reaches_the_engine_as_a_pixel_box(client, engine, monkeypatch):
+    seen = {}
+
+    def segment(enc, points=(), labels=(), box=None, mask_threshold=0.5):
+        seen["box"] = box
+        return DISK, 0.7
+
+    monkeypatch.setattr(engine, "segment", segment)
+    r = predict(client, {"result": [rectangle(25, 25, 50, 50)]})
+    assert r.status_code == 200
+    assert seen["box"] == (16.0, 12.0, 48.0, 36.0)
+
+
+def test_several_pieces_become_several_regions(client, engine, monkeypatch):
+    two = ((xx - 12) ** 2 + (yy - 12) ** 2 < 8**2) | ((xx - 48) ** 2 + (yy - 34) ** 2 < 9**2)
+    monkeypatch.setattr(engine, "segment", lambda *a, **k: (two, 0.6))
+    result = predict(client, {"result": [keypoint(20, 20)]}).get_json()["results"][0]["result"]
+    assert len(result) == 2
+    assert all(r["value"]["polygonlabels"] == ["cat"] for r in result)
+
+
+def test_text_prompt_finds_instances_with_the_real_model(client):
+    r = predict(client, {"result": [text("dog")]})
+    assert r.status_code == 200
+    result = r.get_json()["results"][0]["result"]
+    # the tiny random model scores ~0.25 per query; the default threshold 0.5 keeps none of them
+    assert result == []
+
+
+def test_text_prompt_with_a_low_threshold_labels_every_instance(settings, engine):
+    settings.text_threshold = 0.0
+    c = create_app(settings, engine=engine).test_client()
+    result = predict(c, {"result": [text("kitty")]}).get_json()["results"][0]["result"]
+    assert len(result) >= 1
+    assert {r["value"]["polygonlabels"][0] for r in result} == {"cat"}  # synonym of cat
+    assert all(0 < r["score"] < 1 for r in result)
+
+
+def test_real_click_on_the_tiny_model_gives_a_polygon(client):
+    r = predict(client, {"result": [keypoint(40, 50)]})
+    assert r.status_code == 200
+    result = r.get_json()["results"][0]["result"]
+    assert result and all(reg["type"] == "polygonlabels" and reg["value"]["polygonlabels"] == ["cat"]
+                          for reg in result)
+    for reg in result:
+        assert all(0 <= x <= 100 and 0 <= y <= 100 for x, y in reg["value"]["points"])
+
+
+@pytest.mark.parametrize(
+    "context, message",
+    [
+        ({"result": [keypoint(50, 50, label="bird")]}, "'bird' is not in any output control"),
+        ({"result": [keypoint(50, 50, name="ghost")]}, "unknown control 'ghost'"),
+        ({"result": [keypoint(150, 50)]}, "outside the image"),
+        ({"result": [text("red car")]}, "no label for this prompt"),
+        ({"result": "nope"}, "must be a list"),
+    ],
+)
+def test_bad_prompts_are_4xx_with_a_message(client, context, message):
+    r = predict(client, context)
+    assert r.status_code == 400
+    assert message in r.get_json()["error"]
+
+
+def test_batch_without_context_gives_one_prediction_per_task_in_order(client):
+    tasks = [{"id": i, "data": {"image": data_uri(make_image(seed=i))}} for i in range(3)]
+    r = client.post("/predict", json={"tasks": tasks, "project": "3.1", "label_config": CONFIG})
+    results = r.get_json()["results"]
+    assert r.status_code == 200 and len(results) == 3
+    assert all(p["model_version"] == r.get_json()["model_version"] for p in results)
+
+
+@pytest.mark.parametrize(
+    "kwargs, status, message",
+    [
+        (dict(data="not json", content_type="application/json"), 400, "JSON object"),
+        (dict(json=[1, 2]), 400, "JSON object"),
+        (dict(json={"label_config": CONFIG}), 400, "'tasks' must be a non-empty list"),
+        (dict(json={"tasks": [], "label_config": CONFIG}), 400, "'tasks' must be a non-empty list"),
+        (dict(json={"tasks": ["x"], "label_config": CONFIG}), 400, "every task must be an object"),
+        (dict(json={"tasks": [{"id": 1, "data": {}}], "project": "99.1"}), 400, "label_config is required"),
+        (dict(json={"tasks": [{"id": 1, "data": {"img": "x"}}], "label_config": CONFIG,
+                    "params": {"context": {"result": [keypoint(1, 1)]}}}), 400, "no 'image' field"),
+        (dict(json={"tasks": [{"id": 1, "data": {}}], "label_config": "<View>"}), 400, "could not be parsed"),
+    ],
+)
+def test_bad_bodies_are_4xx_json(client, kwargs, status, message):
+    r = client.post("/predict", **kwargs)
+    assert r.status_code == status
+    assert message in r.get_json()["error"]
+
+
+def test_unknown_route_and_method_are_json(client):
+    assert client.get("/nope").status_code == 404 and "error" in client.get("/nope").get_json()
+    assert client.get("/predict").status_code == 405
+
+
+@pytest.mark.parametrize(
+    "image, status, message",
+    [
+        ("http://127.0.0.1:9/x.png", 422, "could not fetch image"),
+        ("/data/upload/1/x.png", 422, "no Label Studio URL is known"),
+        ("s3://bucket/x.png", 422, "cannot fetch s3://"),
+        ("data:image/png;base64," + base64.b64encode(b"not an image").decode(), 422, "not a readable image"),
+    ],
+)
+def test_unreadable_images_are_4xx(client, image, status, message):
+    r = predict(client, {"result": [keypoint(50, 50)]}, image=image)
+    assert r.status_code == status
+    assert message in r.get_json()["error"]
+
+
+def test_oversize_images_are_refused_before_decoding(settings, engine):
+    settings.max_image_pixels = 1000
+    c = create_app(settings, engine=engine).test_client()
+    r = predict(c, {"result": [keypoint(50, 50)]})
+    assert r.status_code == 413 and "64x48 pixels, over" in r.get_json()["error"]
+    settings.max_image_pixels, settings.max_image_mb = 1e8, 0.001
+    server = ImageServer({"/big.png": png_bytes(make_image(200, 200))})
+    try:
+        r = predict(create_app(settings, engine=engine).test_client(), {"result": [keypoint(50, 50)]},
+                    image=server.url + "/big.png")
+    finally:
+        server.close()
+    assert r.status_code == 413 and "over the 0 MB limit" in r.get_json()["error"]
+
+
+def test_exif_orientation_is_applied(client, engine, monkeypatch):
+    image = make_image(64, 48)
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotate 90: the image Label Studio shows is 48 wide and 64 high
+    uri = "data:image/jpeg;base64," + base64.b64encode(png_bytes(image, "JPEG", exif=exif)).decode()
+    sizes = []
+    monkeypatch.setattr(engine, "segment", lambda enc, *a, **k: (sizes.append((enc.width, enc.height)) or
+                                                                 np.ones((enc.height, enc.width), bool), 0.5))
+    region = predict(client, {"result": [keypoint(50, 50)]}, image=uri).get_json()["results"][0]["result"][0]
+    assert sizes == [(48, 64)]
+    assert (region["original_width"], region["original_height"]) == (48, 64)
+
+
+def test_token_goes_to_label_studio_only(settings, engine):
+    ls = ImageServer({"/data/upload/3/a.png": png_bytes(make_image())}, token="secret-token")
+    other = ImageServer({"/pic.png": png_bytes(make_image(seed=2))})
+    try:
+        c = create_app(settings, engine=engine).test_client()
+        c.post("/setup", json={"project": "3.1700000000", "schema": CONFIG, "hostname": ls.url,
+                               "access_token": "secret-token"})
+        r = predict(c, {"result": [keypoint(50, 50)]}, image="/data/upload/3/a.png")
+        assert r.status_code == 200, r.get_json()
+        assert ls.requests[-1][1].get("Authorization") == "Token secret-token"
+        r = predict(c, {"result": [keypoint(50, 50)]}, image=other.url + "/pic.png")
+        assert r.status_code == 200
+        assert other.requests and all("Authorization" not in h for _, h in other.requests)
+        # a full URL on the Label Studio origin is Label Studio's: it gets the token
+        r = predict(c, {"result": [keypoint(50, 50)]}, image=ls.url + "/data/upload/3/a.png?x=1")
+        assert r.status_code == 200
+    finally:
+        ls.close()
+        other.close()
+
+
+def test_label_studio_401_names_the_fix(settings, engine):
+    ls = ImageServer({"/data/upload/3/a.png": png_bytes(make_image())}, token="right")
+    try:
+        settings.label_studio_url, settings.label_studio_api_key = ls.url, "wrong"
+        r = predict(create_app(settings, engine=engine).test_client(), {"result": [keypoint(50, 50)]},
+                    image="/data/upload/3/a.png")
+    finally:
+        ls.close()
+    assert r.status_code == 422 and "HTTP 401" in r.get_json()["error"]
+    assert "LABEL_STUDIO_API_KEY" in r.get_json()["error"]
+
+
+def test_webhook_is_acknowledged(client):
+    r = client.post("/webhook", json={"action": "ANNOTATION_CREATED", "annotation": {"id": 1}})
+    assert r.status_code == 200 and r.get_json()["action"] == "ANNOTATION_CREATED"
+
+
+def test_metrics_count_requests_forward_time_and_cache(client):
+    predict(client, {"result": [keypoint(40, 50)]})
+    predict(client, {"result": [keypoint(60, 50)]})
+    body = client.get("/metrics").get_data(as_text=True)
+    assert 'sam3_http_requests_total{method="POST",route="/predict",status="200"}' in body
+    assert "sam3_http_request_seconds_bucket" in body
+    assert 'sam3_model_forward_seconds_count{stage="segment"}' in body
+    assert 'sam3_encoding_cache_total{result="hit"}' in body
+
+
+def test_basic_auth_protects_every_route(settings, engine):
+    settings.basic_auth_user, settings.basic_auth_pass = "ls", "pw"
+    c = create_app(settings, engine=engine).test_client()
+    for method, path in [("get", "/health"), ("get", "/"), ("post", "/setup"), ("post", "/predict"),
+                         ("post", "/webhook"), ("get", "/metrics")]:
+        r = getattr(c, method)(path, json={})
+        assert r.status_code == 401, path
+        assert r.headers["WWW-Authenticate"].startswith("Basic")
+    good = {"Authorization": "Basic " + base64.b64encode(b"ls:pw").decode()}
+    bad = {"Authorization": "Basic " + base64.b64encode(b"ls:nope").decode()}
+    assert c.get("/health", headers=good).status_code == 200
+    assert c.get("/health", headers=bad).status_code == 401
+    assert c.get("/health", headers={"Authorization": "Basic %%%"}).status_code == 401
+
+
+def test_auth_off_by_default(client):
+    assert client.get("/health").status_code == 200
