@@ -44,6 +44,72 @@ def _serve(args) -> int:
     return 0
 
 
+def _predict(args) -> int:
+    """The batch pipeline on local files: Label Studio JSON and a preview PNG per image."""
+    import json
+    from pathlib import Path
+
+    from .autolabel import Thresholds
+    from .config import Settings
+    from .errors import BackendError
+    from .model import Runtime, SAM3Backend
+    from .preview import draw
+
+    settings = Settings.from_env()
+    if args.model:
+        settings.model = args.model
+    if args.device:
+        settings.device = args.device
+    logging.basicConfig(level=settings.log_level, format="%(levelname)s %(name)s: %(message)s")
+    ontology = {}
+    for spec in args.prompt:
+        prompt, _, label = spec.partition("=")
+        ontology[prompt.strip()] = (label or prompt).strip()
+    if args.config:
+        xml = Path(args.config).read_text()
+    else:
+        labels = "".join(f'<Label value="{label}"/>' for label in dict.fromkeys(ontology.values()))
+        tag = {"polygon": "PolygonLabels", "brush": "BrushLabels", "box": "RectangleLabels"}[args.output]
+        xml = f'<View><Image name="image" value="$image"/><{tag} name="label" toName="image">{labels}</{tag}></View>'
+    thresholds = {"confidence": args.threshold} if args.threshold is not None else None
+    try:
+        runtime = Runtime(settings)
+        runtime._load()
+        engine = runtime.wait(0)
+
+        class Local(SAM3Backend):
+            def _load_task_image(self, task):
+                path = Path(task["data"]["image"])
+                return self.loader.decode(path.read_bytes(), name=str(path))
+
+        Local.runtime = runtime
+        model = Local(label_config=xml, extra_params={"ontology": ontology or None, "thresholds": thresholds},
+                      settings=settings)
+    except BackendError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tasks = [{"id": i, "data": {"image": str(Path(p).resolve())}} for i, p in enumerate(args.images, 1)]
+    predictions = model.predict(tasks)
+    for task, prediction in zip(tasks, predictions):
+        path = Path(task["data"]["image"])
+        (out / f"{path.stem}.json").write_text(json.dumps({"data": task["data"], "predictions": [prediction]}, indent=1))
+        try:
+            image = model._load_task_image(task)
+        except BackendError as e:
+            print(f"{path}: {e.message}", file=sys.stderr)
+            continue
+        draw(image, prediction["result"]).save(out / f"{path.stem}.png")
+        counts = {}
+        for r in prediction["result"]:
+            label = r["value"][r["type"]][0]
+            counts[label] = counts.get(label, 0) + 1
+        print(f"{path.name}: {len(prediction['result'])} regions {counts or ''} -> {out / path.stem}.json/.png")
+    print(f"model_version {model.model_version}; {engine.vit_passes} ViT passes for {len(tasks)} images")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="label-studio-sam3", description="SAM 3 ML backend for Label Studio")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -55,6 +121,17 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--graceful-timeout", type=int, default=120)
     serve.add_argument("--access-log", action="store_true", help="log every request")
     serve.set_defaults(func=_serve)
+    pred = sub.add_parser("predict", help="pre-annotate local images: Label Studio JSON + preview PNG per image")
+    pred.add_argument("images", nargs="+")
+    pred.add_argument("--prompt", action="append", default=[], metavar="PROMPT[=LABEL]",
+                      help='text prompt and the label it gives, e.g. "red car=car" (repeatable)')
+    pred.add_argument("--out", required=True, help="output folder")
+    pred.add_argument("--config", help="a Label Studio label config file (default: one PolygonLabels of the labels)")
+    pred.add_argument("--output", choices=["polygon", "brush", "box"], default="polygon")
+    pred.add_argument("--threshold", type=float, help="minimum score (default SAM3_TEXT_THRESHOLD, 0.5)")
+    pred.add_argument("--model", help="checkpoint (default SAM3_MODEL)")
+    pred.add_argument("--device")
+    pred.set_defaults(func=_predict)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -30,6 +30,11 @@ class Settings:
     min_piece_area: float = 16.0  # pixels; smaller pieces of a mask are dropped
     mask_threshold: float = 0.5  # probability above which a mask pixel is on
     text_threshold: float = 0.5  # score above which a text-prompt instance is kept
+    ontology: str = ""  # JSON, in any format `autolabel.parse_ontology` takes
+    max_detections: int = 100
+    min_area: float = 0.0  # pixels; smaller auto-labelled instances are dropped
+    nms: bool = True
+    nms_iou: float = 0.5
     max_image_mb: float = 50.0
     max_image_pixels: float = 100e6
     fetch_timeout: float = 30.0
@@ -49,6 +54,11 @@ class Settings:
             min_piece_area=_float("SAM3_MIN_PIECE_AREA", cls.min_piece_area),
             mask_threshold=_float("SAM3_MASK_THRESHOLD", cls.mask_threshold),
             text_threshold=_float("SAM3_TEXT_THRESHOLD", cls.text_threshold),
+            ontology=_env("SAM3_ONTOLOGY"),
+            max_detections=int(_float("SAM3_MAX_DETECTIONS", cls.max_detections)),
+            min_area=_float("SAM3_MIN_AREA", cls.min_area),
+            nms=_env("SAM3_NMS", "true").lower() not in ("0", "false", "no", "off"),
+            nms_iou=_float("SAM3_NMS_IOU", cls.nms_iou),
             max_image_mb=_float("SAM3_MAX_IMAGE_MB", cls.max_image_mb),
             max_image_pixels=_float("SAM3_MAX_IMAGE_PIXELS", cls.max_image_pixels),
             fetch_timeout=_float("SAM3_FETCH_TIMEOUT", cls.fetch_timeout),

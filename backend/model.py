@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import autolabel
+from .autolabel import AutoLabeler, Thresholds
 from .base import LabelStudioMLBase
 from .config import Settings
 from .detections import Detections
@@ -102,10 +104,27 @@ class SAM3Backend(LabelStudioMLBase):
         )
         self._url_keys: OrderedDict[str, str] = OrderedDict()  # image URL -> encoding key
         self._lock = threading.Lock()
+        self.ontology, self.thresholds = None, self._thresholds()
+        if self.config is not None:
+            # Validated here so that a bad ontology is reported by /setup, listing the valid labels.
+            extra = self.extra_params if isinstance(self.extra_params, dict) else {}
+            spec = extra.get("ontology") or s.ontology or None
+            self.ontology = autolabel.parse_ontology(spec, self.config)
+
+    def _thresholds(self) -> Thresholds:
+        s = self.settings
+        base = Thresholds(confidence=s.text_threshold, max_detections=s.max_detections, min_area=s.min_area,
+                          nms=s.nms, nms_iou=s.nms_iou)
+        extra = self.extra_params if isinstance(self.extra_params, dict) else {}
+        return Thresholds.from_dict(extra.get("thresholds"), base)
 
     @property
     def model_version(self) -> str:
-        return model_version(self.settings, self.runtime.fingerprint)
+        """Changes with the checkpoint, the ontology or the thresholds, and only with them."""
+        base = model_version(self.settings, self.runtime.fingerprint)
+        if self.ontology is None:
+            return base
+        return f"{base}-{autolabel.fingerprint(self.ontology, self.thresholds)}"
 
     # ---- predict ---------------------------------------------------------------------------
     def predict(self, tasks: list[dict], context: dict | None = None, **kwargs) -> list[dict]:
@@ -115,8 +134,42 @@ class SAM3Backend(LabelStudioMLBase):
             if len(tasks) != 1:
                 raise BackendError(f"an interactive request carries exactly one task, got {len(tasks)}")
             return [self.predict_interactive(tasks[0], context)]
-        # Batch pre-annotation without prompts: see issue #3 (text-prompt auto-labelling).
-        return [self._prediction([], 0.0) for _ in tasks]
+        return self.predict_batch(tasks)
+
+    def predict_batch(self, tasks: list[dict]) -> list[dict]:
+        """Every instance of every label in each task's image; one prediction per task, in order.
+
+        A task whose image cannot be read gets an empty prediction (logged with its id); the rest go on.
+        """
+        engine = self.runtime.wait(timeout=300)
+        labeler = self.auto_labeler(engine)
+        out = []
+        for task, dets, error in labeler.run(tasks, self._load_task_image):
+            if error is not None:
+                log.warning("task %s: no prediction: %s", task.get("id"), getattr(error, "message", error))
+                out.append(self._prediction([], 0.0))
+                continue
+            out.append(self.prediction_for(dets))
+        log.info("predicted %d tasks: %s", len(tasks), labeler.stages)
+        return out
+
+    def auto_labeler(self, engine) -> AutoLabeler:
+        return AutoLabeler(engine, self.ontology, self.thresholds, self.settings.mask_threshold)
+
+    def prediction_for(self, dets: Detections) -> dict:
+        """Regions for every output control that carries each label; overall score = mean instance score."""
+        s = self.settings
+        regions = []
+        for label, group in autolabel.group_by_label(dets).items():
+            for control in self.config.outputs:
+                if label in control.labels:
+                    regions += to_regions(group, control, tolerance=s.polygon_tolerance, min_area=s.min_piece_area)
+        score = float(np.mean(dets.scores)) if len(dets) else 0.0
+        return self._prediction(regions, score)
+
+    def _load_task_image(self, task: dict):
+        url = self._image_url(task)
+        return self.loader.load(url)
 
     def predict_interactive(self, task: dict, context: dict) -> dict:
         engine = self.runtime.wait(timeout=120)

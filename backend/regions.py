@@ -40,7 +40,7 @@ def to_regions(dets: Detections, control: Control, *, tolerance: float = 1.0, mi
                 out.append(_region(control, width, height, label, score, {"format": "rle", "rle": rle}))
         else:
             box = geometry.mask_to_box(mask)
-            if box is not None:
+            if box is not None and mask.sum() >= min_area:  # the same specks a polygon would drop
                 x0, y0, x1, y1 = box
                 value = {
                     "x": x0 * 100.0 / width,

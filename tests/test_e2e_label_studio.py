@@ -83,20 +83,23 @@ def project(label_studio, backend_url):
     r = requests.post(f"{ls}/api/projects", headers=headers, json={"title": "SAM 3 e2e", "label_config": CONFIG})
     assert r.status_code == 201, r.text
     pid = r.json()["id"]
-    r = requests.post(f"{ls}/api/projects/{pid}/import", headers=headers,
-                      files={"file": ("cat.png", png_bytes(make_image()), "image/png")})
-    assert r.status_code == 201, r.text
-    [task] = requests.get(f"{ls}/api/tasks", params={"project": pid}, headers=headers).json()["tasks"]
+    for i in range(3):  # Label Studio takes one uploaded file per request
+        r = requests.post(f"{ls}/api/projects/{pid}/import", headers=headers,
+                          files={"file": (f"img{i}.png", png_bytes(make_image(seed=i)), "image/png")})
+        assert r.status_code == 201, r.text
+    tasks = requests.get(f"{ls}/api/tasks", params={"project": pid}, headers=headers).json()["tasks"]
+    # The tiny random model scores every instance ~0.25: a zero threshold makes batch predictions non-empty.
+    extra = {"thresholds": {"confidence": 0.0, "max_detections": 2}}
     r = requests.post(f"{ls}/api/ml", headers=headers, json={"url": backend_url[0], "project": pid, "title": "SAM 3",
-                                                             "is_interactive": True})
+                                                             "is_interactive": True, "extra_params": extra})
     assert r.status_code == 201, r.text
     ml = r.json()
-    return {"id": pid, "task": task, "ml": ml}
+    return {"id": pid, "task": tasks[0], "tasks": tasks, "ml": ml}
 
 
 def test_label_studio_connects_and_stores_the_model_version(project, backend_url):
     assert project["ml"]["state"] == "CO"
-    assert project["ml"]["model_version"] == requests.get(backend_url[0] + "/health").json()["model_version"]
+    assert project["ml"]["model_version"].startswith(requests.get(backend_url[0] + "/health").json()["model_version"])
 
 
 def test_keypoint_click_in_label_studio_returns_a_labelled_polygon(label_studio, project, backend_url):
@@ -124,9 +127,19 @@ def test_keypoint_click_in_label_studio_returns_a_labelled_polygon(label_studio,
 
 def test_batch_predictions_are_stored_one_per_task(label_studio, project, backend_url):
     ls, headers = label_studio
+    version = project["ml"]["model_version"]
+    assert version != requests.get(backend_url[0] + "/health").json()["model_version"]  # thresholds are in it
     r = requests.post(f"{ls}/api/dm/actions", params={"id": "retrieve_tasks_predictions", "project": project["id"]},
                       headers=headers, json={"selectedItems": {"all": True, "excluded": []}})
     assert r.status_code == 200, r.text
-    preds = requests.get(f"{ls}/api/predictions", params={"task": project["task"]["id"]}, headers=headers).json()
-    assert len(preds) == 1
-    assert preds[0]["model_version"] == project["ml"]["model_version"]
+    assert len(project["tasks"]) == 3
+    for task in project["tasks"]:
+        preds = requests.get(f"{ls}/api/predictions", params={"task": task["id"]}, headers=headers).json()
+        assert len(preds) == 1, preds
+        pred = preds[0]
+        assert pred["model_version"] == version
+        assert 0 < pred["score"] <= 1
+        assert pred["result"]
+        for region in pred["result"]:
+            assert region["type"] == "polygonlabels" and region["value"]["polygonlabels"][0] in ("cat", "dog")
+            assert 0 < region["score"] <= 1

@@ -1,0 +1,250 @@
+"""Pre-annotation without clicks: every instance of every label, found with text prompts.
+
+The ontology says which prompt finds which label; thresholds say what is kept. `AutoLabeler` runs
+images through the engine in chunks: downloads run ahead on threads while the model works, each
+chunk's images share one ViT forward, and each image's prompts share one decoder forward.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+from torchvision.ops import nms
+
+from . import geometry
+from .detections import Detections
+from .errors import BackendError
+from .labelconfig import LabelConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Entry:
+    prompt: str
+    label: str
+    threshold: float | None = None
+
+
+@dataclass
+class Thresholds:
+    confidence: float = 0.5  # default minimum score
+    per_label: dict[str, float] = field(default_factory=dict)
+    max_detections: int = 100  # per image, best first
+    min_area: float = 0.0  # pixels; smaller instances are dropped
+    nms: bool = True  # across prompts: two prompts finding one object give one region
+    nms_iou: float = 0.5
+
+    @classmethod
+    def from_dict(cls, data: dict | None, base: "Thresholds | None" = None) -> "Thresholds":
+        out = Thresholds(**asdict(base)) if base else Thresholds()
+        if not data:
+            return out
+        if not isinstance(data, dict):
+            raise BackendError("thresholds must be an object")
+        names = {"confidence", "per_label", "max_detections", "min_area", "nms", "nms_iou"}
+        unknown = set(data) - names
+        if unknown:
+            raise BackendError(f"unknown threshold setting(s) {sorted(unknown)}; known: {sorted(names)}")
+        try:
+            for key, value in data.items():
+                if key == "per_label":
+                    if not isinstance(value, dict):
+                        raise BackendError("thresholds.per_label must map labels to numbers")
+                    out.per_label = {str(k): float(v) for k, v in value.items()}
+                elif key == "nms":
+                    out.nms = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+                elif key == "max_detections":
+                    out.max_detections = int(value)
+                else:
+                    setattr(out, key, float(value))
+        except (TypeError, ValueError):
+            raise BackendError(f"threshold settings must be numbers: {data}") from None
+        for name, v in [("confidence", out.confidence), ("nms_iou", out.nms_iou), *out.per_label.items()]:
+            if not 0 <= v <= 1:
+                raise BackendError(f"threshold {name} = {v} must be between 0 and 1")
+        if out.max_detections < 1:
+            raise BackendError("max_detections must be at least 1")
+        return out
+
+    def for_label(self, label: str, entry_threshold: float | None) -> float:
+        if entry_threshold is not None:
+            return entry_threshold
+        return self.per_label.get(label, self.confidence)
+
+
+def parse_ontology(spec, config: LabelConfig) -> list[Entry]:
+    """Ontology in Roboflow Auto Label's formats, else `predicted_values` synonyms, else the labels.
+
+    - {"a red car": "car", ...}            prompt -> label
+    - ["car", "person"]                    each both prompt and label
+    - [{"prompt", "label", "threshold"}]   with an optional per-prompt threshold
+    """
+    if isinstance(spec, str) and spec.strip():
+        try:
+            spec = json.loads(spec)
+        except json.JSONDecodeError as e:
+            raise BackendError(f"ontology is not valid JSON: {e}") from None
+    entries: list[Entry] = []
+    if not spec:
+        for control in config.outputs:
+            for label in control.labels:
+                for prompt in [label, *control.synonyms.get(label, [])]:
+                    entries.append(Entry(prompt, label))
+    elif isinstance(spec, dict):
+        entries = [Entry(str(p), str(lbl)) for p, lbl in spec.items()]
+    elif isinstance(spec, list):
+        for i, item in enumerate(spec):
+            if isinstance(item, str):
+                entries.append(Entry(item, item))
+            elif isinstance(item, dict) and item.get("prompt"):
+                th = item.get("threshold")
+                try:
+                    th = None if th is None else float(th)
+                except (TypeError, ValueError):
+                    raise BackendError(f"ontology[{i}].threshold must be a number") from None
+                entries.append(Entry(str(item["prompt"]), str(item.get("label") or item["prompt"]), th))
+            else:
+                raise BackendError(f"ontology[{i}] must be a string or an object with a 'prompt'")
+    else:
+        raise BackendError("ontology must be an object (prompt -> label), a list of strings or a list of objects")
+    valid = set(config.labels)
+    bad = sorted({e.label for e in entries} - valid)
+    if bad:
+        raise BackendError(f"ontology names label(s) {bad} that the label config does not have; "
+                           f"valid labels: {', '.join(config.labels)}")
+    for e in entries:
+        if not e.prompt.strip():
+            raise BackendError("ontology has an empty prompt")
+        if e.threshold is not None and not 0 <= e.threshold <= 1:
+            raise BackendError(f"threshold for prompt {e.prompt!r} must be between 0 and 1")
+    return list(dict.fromkeys(entries))
+
+
+def fingerprint(entries: list[Entry], thresholds: Thresholds) -> str:
+    blob = json.dumps([[asdict(e) for e in entries], asdict(thresholds)], sort_keys=True)
+    return hashlib.sha1(blob.encode()).hexdigest()[:6]
+
+
+@dataclass
+class Stages:
+    """Seconds spent per stage (for the benchmark and the logs)."""
+
+    fetch: float = 0.0  # waiting for downloads and decoding (time the model sat idle)
+    encode: float = 0.0
+    decode: float = 0.0
+    post: float = 0.0
+    images: int = 0
+
+    def add(self, name: str, seconds: float) -> None:
+        setattr(self, name, getattr(self, name) + seconds)
+
+
+class AutoLabeler:
+    def __init__(self, engine, entries: list[Entry], thresholds: Thresholds, mask_threshold: float = 0.5):
+        self.engine = engine
+        self.entries = entries
+        self.thresholds = thresholds
+        self.mask_threshold = mask_threshold
+        self.stages = Stages()
+
+    def label(self, enc) -> Detections:
+        """Every instance on one encoded image, labelled, thresholded, de-duplicated, best first."""
+        t0 = time.perf_counter()
+        prompts = list(dict.fromkeys(e.prompt for e in self.entries))
+        # The lowest threshold any entry of a prompt uses, so the engine upsamples only what may be kept.
+        floor = min(self.thresholds.for_label(e.label, e.threshold) for e in self.entries)
+        found = dict(zip(prompts, self.engine.detect(enc, prompts, floor, self.mask_threshold)))
+        t1 = time.perf_counter()
+        masks, scores, labels = [], [], []
+        for e in self.entries:
+            d = found[e.prompt]
+            th = self.thresholds.for_label(e.label, e.threshold)
+            for m, s in zip(d.masks, d.scores):
+                if s >= th and m.sum() >= max(self.thresholds.min_area, 1):
+                    masks.append(m)
+                    scores.append(float(s))
+                    labels.append(e.label)
+        dets = self._select(masks, scores, labels, enc.height, enc.width)
+        self.stages.add("decode", t1 - t0)
+        self.stages.add("post", time.perf_counter() - t1)
+        return dets
+
+    def _select(self, masks, scores, labels, height, width) -> Detections:
+        if not masks:
+            return Detections.empty(height, width)
+        order = np.argsort(-np.asarray(scores), kind="stable")
+        if self.thresholds.nms and len(masks) > 1:
+            boxes = torch.tensor([geometry.mask_to_box(m) for m in masks], dtype=torch.float32)
+            keep = nms(boxes, torch.tensor(scores, dtype=torch.float32), self.thresholds.nms_iou).numpy()
+            order = keep  # nms returns indices sorted by decreasing score
+        order = order[: self.thresholds.max_detections]
+        return Detections(np.stack([masks[i] for i in order]), np.array([scores[i] for i in order]),
+                          [labels[i] for i in order])
+
+    def run(
+        self,
+        items: Iterable,
+        load: Callable[[object], object],
+        chunk: int = 4,
+        prefetch: int = 16,
+        workers: int = 8,
+    ) -> Iterator[tuple[object, Detections | None, Exception | None]]:
+        """(item, detections, error) for each item, in input order.
+
+        `load(item)` fetches and decodes an image on a worker thread; up to `prefetch` loads run ahead of
+        the model, so slow image servers overlap with compute. A failed load yields its error, not a crash.
+        """
+        items = list(items)
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sam3-fetch") as pool:
+            futures = {}
+
+            def submit_until(n):
+                for j in range(len(futures), min(n, len(items))):
+                    futures[j] = pool.submit(load, items[j])
+
+            for start in range(0, len(items), chunk):
+                submit_until(start + chunk + prefetch)
+                batch = list(range(start, min(start + chunk, len(items))))
+                t0 = time.perf_counter()
+                images, errors = {}, {}
+                for j in batch:
+                    try:
+                        images[j] = futures.pop(j).result()
+                    except Exception as e:  # reported per task
+                        errors[j] = e
+                self.stages.add("fetch", time.perf_counter() - t0)
+                t1 = time.perf_counter()
+                encs = self.engine.encode_many([images[j] for j in images]) if images else []
+                self.stages.add("encode", time.perf_counter() - t1)
+                by_index = dict(zip(images, encs))
+                for j in batch:
+                    if j in errors:
+                        yield items[j], None, errors[j]
+                        continue
+                    try:
+                        dets = self.label(by_index[j])
+                    except Exception as e:
+                        log.exception("labelling item %s failed", j)
+                        yield items[j], None, e
+                        continue
+                    self.stages.images += 1
+                    yield items[j], dets, None
+                    by_index.pop(j, None)
+
+
+def group_by_label(dets: Detections) -> dict[str, Detections]:
+    idx = defaultdict(list)
+    for i, label in enumerate(dets.labels):
+        idx[label].append(i)
+    return {
+        label: Detections(dets.masks[ix], dets.scores[ix], [label] * len(ix)) for label, ix in idx.items()
+    }

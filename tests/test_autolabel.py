@@ -1,0 +1,187 @@
+import numpy as np
+import pytest
+
+from backend.autolabel import AutoLabeler, Entry, Thresholds, parse_ontology
+from backend.detections import Detections
+from backend.errors import BackendError
+from backend.labelconfig import LabelConfig
+from backend.protocol import create_app
+from conftest import CONFIG, data_uri, make_image
+
+W, H = 64, 48
+yy, xx = np.mgrid[:H, :W]
+CAT = (xx - 15) ** 2 + (yy - 20) ** 2 < 9**2
+CAT_SHIFTED = (xx - 16) ** 2 + (yy - 20) ** 2 < 9**2
+DOG = (xx >= 40) & (xx < 60) & (yy >= 10) & (yy < 40)
+SPECK = (xx >= 2) & (xx < 5) & (yy >= 40) & (yy < 43)
+BIRD = (xx - 30) ** 2 + (yy - 40) ** 2 < 5**2
+KNOWN = {  # prompt -> [(mask, score)]
+    "kitty": [(CAT, 0.9)],
+    "cat": [(CAT_SHIFTED, 0.8)],
+    "dog": [(DOG, 0.6), (SPECK, 0.7)],
+    "feline": [(BIRD, 0.3)],
+}
+CFG = LabelConfig.parse(CONFIG)
+
+
+@pytest.fixture
+def stub(engine, monkeypatch):
+    """The real tiny engine (real image encoding), with a detector that returns known masks."""
+    calls = []
+
+    def detect(enc, prompts, threshold=0.5, mask_threshold=0.5):
+        calls.append(list(prompts))
+        out = []
+        for p in prompts:
+            found = [(m, s) for m, s in KNOWN.get(p, []) if s > threshold]
+            out.append(Detections(np.array([m for m, _ in found], bool).reshape(-1, H, W),
+                                  np.array([s for _, s in found], np.float32), [p] * len(found)))
+        return out
+
+    monkeypatch.setattr(engine, "detect", detect)
+    engine.calls = calls
+    return engine
+
+
+def label(engine, entries, **th):
+    enc = engine.encode(make_image())
+    return AutoLabeler(engine, entries, Thresholds.from_dict(th)).label(enc)
+
+
+def test_default_ontology_is_labels_plus_predicted_values():
+    entries = parse_ontology(None, CFG)
+    assert [(e.prompt, e.label) for e in entries] == [("cat", "cat"), ("kitty", "cat"), ("feline", "cat"),
+                                                      ("dog", "dog")]
+
+
+def test_roboflow_ontology_formats():
+    assert parse_ontology({"a small kitty": "cat"}, CFG) == [Entry("a small kitty", "cat")]
+    assert parse_ontology(["dog"], CFG) == [Entry("dog", "dog")]
+    assert parse_ontology('[{"prompt": "puppy", "label": "dog", "threshold": 0.7}]', CFG) == [
+        Entry("puppy", "dog", 0.7)]
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"red car": "car"}, "label(s) ['car'] that the label config does not have; valid labels: cat, dog"),
+        (["cat", "bird"], "['bird']"),
+        ([{"label": "cat"}], "must be a string or an object with a 'prompt'"),
+        ([{"prompt": "cat", "threshold": 2}], "between 0 and 1"),
+        ("{not json", "not valid JSON"),
+        (42, "ontology must be"),
+    ],
+)
+def test_bad_ontologies_are_refused_with_the_valid_labels(spec, message):
+    with pytest.raises(BackendError) as e:
+        parse_ontology(spec, CFG)
+    assert message in e.value.message
+
+
+def test_synonyms_map_to_their_label_and_nms_keeps_the_best(stub):
+    dets = label(stub, parse_ontology(None, CFG), confidence=0.5)
+    # kitty (0.9) and cat (0.8) found the same object: one region, the higher score
+    assert dets.labels == ["cat", "dog", "dog"]
+    assert list(dets.scores) == pytest.approx([0.9, 0.7, 0.6])
+    assert (dets.masks[0] == CAT).all()
+    assert stub.calls[-1] == ["cat", "kitty", "feline", "dog"]  # all prompts in one decoder call
+
+
+def test_without_nms_both_duplicates_stay(stub):
+    dets = label(stub, parse_ontology(None, CFG), confidence=0.5, nms=False)
+    assert dets.labels.count("cat") == 2
+
+
+def test_per_label_and_per_prompt_thresholds(stub):
+    dets = label(stub, parse_ontology(None, CFG), confidence=0.5, per_label={"dog": 0.65})
+    assert dets.labels == ["cat", "dog"] and dets.scores[1] == pytest.approx(0.7)
+    dets = label(stub, [Entry("feline", "cat", 0.2), Entry("dog", "dog")], confidence=0.5)
+    assert dets.labels == ["dog", "dog", "cat"]
+    assert dets.scores[2] == pytest.approx(0.3)
+
+
+def test_max_detections_and_min_area(stub):
+    entries = parse_ontology(None, CFG)
+    assert label(stub, entries, max_detections=2).labels == ["cat", "dog"]
+    dets = label(stub, entries, min_area=20)  # the 9-pixel speck goes
+    assert dets.labels == ["cat", "dog"] and dets.scores[1] == pytest.approx(0.6)
+
+
+def test_bad_thresholds_are_refused():
+    for bad, message in [({"confidence": 1.5}, "between 0 and 1"), ({"speed": 1}, "unknown threshold"),
+                         ({"max_detections": 0}, "at least 1"), ({"confidence": "high"}, "must be numbers")]:
+        with pytest.raises(BackendError, match=message):
+            Thresholds.from_dict(bad)
+
+
+def batch(client, tasks, config=CONFIG):
+    return client.post("/predict", json={"tasks": tasks, "project": "5.1", "label_config": config})
+
+
+def test_batch_gives_one_prediction_per_task_in_order_with_a_broken_image(settings, stub):
+    client = create_app(settings, engine=stub).test_client()
+    tasks = [
+        {"id": 1, "data": {"image": data_uri(make_image(seed=1))}},
+        {"id": 2, "data": {"image": "data:image/png;base64,bm90IGFuIGltYWdl"}},  # not an image
+        {"id": 3, "data": {"image": data_uri(make_image(seed=3))}},
+        {"id": 4, "data": {}},  # no image field
+        {"id": 5, "data": {"image": data_uri(make_image(seed=5))}},
+    ]
+    r = batch(client, tasks)
+    assert r.status_code == 200, r.get_json()
+    results = r.get_json()["results"]
+    assert len(results) == 5
+    assert [bool(p["result"]) for p in results] == [True, False, True, False, True]
+    for p in results:
+        assert p["model_version"] == r.get_json()["model_version"]
+    good = results[0]
+    assert {reg["value"]["polygonlabels"][0] for reg in good["result"]} == {"cat", "dog"}
+    assert all(reg["from_name"] == "poly" and "score" in reg for reg in good["result"])
+    assert good["score"] == pytest.approx(np.mean([0.9, 0.7, 0.6]), abs=1e-3)
+
+
+def test_every_output_control_with_the_label_gets_regions(settings, stub):
+    config = CONFIG.replace("</View>", """<RectangleLabels name="boxes" toName="image">
+        <Label value="dog"/></RectangleLabels></View>""")
+    client = create_app(settings, engine=stub).test_client()
+    result = batch(client, [{"id": 1, "data": {"image": data_uri(make_image())}}], config).get_json()["results"][0]
+    kinds = sorted((r["from_name"], r["value"].get("polygonlabels", r["value"].get("rectanglelabels"))[0])
+                   for r in result["result"])
+    # the 9-pixel speck is below SAM3_MIN_PIECE_AREA for every kind of region
+    assert kinds == [("boxes", "dog"), ("poly", "cat"), ("poly", "dog")]
+    box = next(r["value"] for r in result["result"] if r["from_name"] == "boxes" and r["score"] == 0.6)
+    assert (box["x"], box["y"], box["width"], box["height"]) == pytest.approx((62.5, 10 / 48 * 100, 31.25,
+                                                                              30 / 48 * 100))
+
+
+def test_model_version_follows_checkpoint_ontology_and_thresholds(settings, engine):
+    client = create_app(settings, engine=engine).test_client()
+
+    def setup(extra=None):
+        r = client.post("/setup", json={"project": "9.1", "schema": CONFIG, "extra_params": extra})
+        return r.status_code, r.get_json()
+
+    base = setup()[1]["model_version"]
+    assert setup()[1]["model_version"] == base
+    onto = setup({"ontology": {"kitten": "cat"}})[1]["model_version"]
+    th = setup({"thresholds": {"confidence": 0.3}})[1]["model_version"]
+    assert len({base, onto, th}) == 3
+    assert all(v.startswith("sam3-tiny") for v in (base, onto, th))
+    status, body = setup({"ontology": {"red car": "car"}})
+    assert status == 400 and "valid labels: cat, dog" in body["error"]
+
+
+def test_env_ontology_applies_when_setup_has_none(settings, stub):
+    settings.ontology = '{"dog": "dog"}'
+    client = create_app(settings, engine=stub).test_client()
+    result = batch(client, [{"id": 1, "data": {"image": data_uri(make_image())}}]).get_json()["results"][0]
+    assert {r["value"]["polygonlabels"][0] for r in result["result"]} == {"dog"}
+    assert stub.calls[-1] == ["dog"]
+
+
+def test_each_image_is_encoded_once_in_chunks(settings, engine):
+    client = create_app(settings, engine=engine).test_client()
+    before = engine.vit_passes
+    tasks = [{"id": i, "data": {"image": data_uri(make_image(seed=100 + i))}} for i in range(6)]
+    assert len(batch(client, tasks).get_json()["results"]) == 6
+    assert engine.vit_passes - before == 2  # two chunks of up to 4 images, one ViT forward each
