@@ -49,7 +49,6 @@ def _predict(args) -> int:
     import json
     from pathlib import Path
 
-    from .autolabel import Thresholds
     from .config import Settings
     from .errors import BackendError
     from .model import Runtime, SAM3Backend

@@ -300,6 +300,10 @@ class Sam3Engine:
 
     def _text_features(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Projected text features per prompt, computed once per distinct prompt and kept."""
+        with self._lock:
+            return self._text_features_locked(prompts)
+
+    def _text_features_locked(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
         if missing:
             tok = self.processor.tokenizer(
@@ -309,8 +313,7 @@ class Sam3Engine:
                 raise BackendError(f"text prompt too long for SAM 3 (at most {MAX_PROMPT_TOKENS - 2} tokens)")
             ids = tok["input_ids"].to(self.device)
             attn = tok["attention_mask"].to(self.device)
-            with self._lock:
-                feats = self.detector.get_text_features(input_ids=ids, attention_mask=attn).pooler_output
+            feats = self.detector.get_text_features(input_ids=ids, attention_mask=attn).pooler_output
             for j, p in enumerate(missing):
                 self._text_cache[p] = (feats[j : j + 1], attn[j : j + 1])
             while len(self._text_cache) > 4096:

@@ -53,7 +53,8 @@ def mask_to_polygons(mask: np.ndarray, tolerance: float = 1.0, min_area: float =
         if tolerance > 0:
             # Douglas-Peucker chords stray about 0.3 x tolerance from the outline on average, costing
             # perimeter x that of the area. Capping the tolerance at 7% of the piece's mean thickness
-            # (area / perimeter) keeps that loss under 2% (the staircase perimeter overstates the true one), so small objects keep their shape.
+            # (area / perimeter) keeps that loss under 2% (the staircase perimeter overstates the true
+            # one), so small objects keep their shape.
             contour = pts.astype(np.float32).reshape(-1, 1, 2)
             tol = min(tolerance, 0.07 * area / max(cv2.arcLength(contour, True), 1.0))
             simple = cv2.approxPolyDP(contour, tol, True).reshape(-1, 2)

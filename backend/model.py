@@ -130,7 +130,8 @@ class SAM3Backend(LabelStudioMLBase):
     def predict(self, tasks: list[dict], context: dict | None = None, **kwargs) -> list[dict]:
         if self.config is None:
             raise BackendError("no label config: call /setup first or send label_config with the request")
-        if context and context.get("result"):
+        if isinstance(context, dict) and context.get("result") is not None:
+            # An interactive request, even with no prompt left: answer it, never auto-label instead.
             if len(tasks) != 1:
                 raise BackendError(f"an interactive request carries exactly one task, got {len(tasks)}")
             return [self.predict_interactive(tasks[0], context)]
@@ -172,6 +173,8 @@ class SAM3Backend(LabelStudioMLBase):
         return self.loader.load(url)
 
     def predict_interactive(self, task: dict, context: dict) -> dict:
+        if not context.get("result"):
+            return self._prediction([], 0.0)  # every prompt was removed: nothing to fetch or encode
         engine = self.runtime.wait(timeout=120)
         enc = self._encoding(engine, task)
         prompt = parse_context(context, self.config, enc.width, enc.height)

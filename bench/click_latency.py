@@ -75,7 +75,7 @@ def main() -> None:
         return time.perf_counter() - t0
 
     cold, warm, enc_t, dec_t = [], [], [], []
-    for i in range(args.cold):
+    for _ in range(args.cold):
         buf = io.BytesIO()
         Image.fromarray((rng.rand(h, w, 3) * 255).astype("uint8")).save(buf, "JPEG", quality=90)
         uri = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()

@@ -1,17 +1,21 @@
 """A real HTTP server on loopback that serves images and records the headers it was sent."""
+import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class ImageServer:
-    def __init__(self, files: dict[str, bytes], token: str | None = None):
-        self.files, self.token, self.requests = files, token, []
+    def __init__(self, files: dict[str, bytes], token: str | None = None, refresh: dict[str, str] | None = None):
+        """`token`: the Authorization value images need ("Token x" or "Bearer y"; a bare value means Token).
+        `refresh`: refresh token -> access token, answered at POST /api/token/refresh/ like Label Studio."""
+        self.files, self.requests, self.refresh = files, [], refresh or {}
+        self.token = token if token is None or " " in token else f"Token {token}"
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):
                 outer.requests.append((self.path, dict(self.headers)))
-                if outer.token and self.headers.get("Authorization") != f"Token {outer.token}":
+                if outer.token and self.headers.get("Authorization") != outer.token:
                     self.send_response(401)
                     self.end_headers()
                     return
@@ -25,6 +29,17 @@ class ImageServer:
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+                outer.requests.append((self.path, dict(self.headers)))
+                access = outer.refresh.get(body.get("refresh"))
+                payload = json.dumps({"access": access} if access else {"detail": "invalid"}).encode()
+                self.send_response(200 if (self.path == "/api/token/refresh/" and access) else 401)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
 
             def log_message(self, *args):
                 pass

@@ -1,4 +1,8 @@
 import base64
+import json
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -147,6 +151,14 @@ def test_bad_prompts_are_4xx_with_a_message(client, context, message):
     assert message in r.get_json()["error"]
 
 
+def test_interactive_request_with_no_prompt_left_is_an_empty_answer(client, engine):
+    before = engine.vit_passes
+    r = predict(client, {"result": []}, image=data_uri(make_image(seed=999)))
+    assert r.status_code == 200
+    assert r.get_json()["results"] == [{"result": [], "score": 0.0, "model_version": r.get_json()["model_version"]}]
+    assert engine.vit_passes == before  # not auto-labelled
+
+
 def test_batch_without_context_gives_one_prediction_per_task_in_order(client):
     tasks = [{"id": i, "data": {"image": data_uri(make_image(seed=i))}} for i in range(3)]
     r = client.post("/predict", json={"tasks": tasks, "project": "3.1", "label_config": CONFIG})
@@ -254,6 +266,58 @@ def test_label_studio_401_names_the_fix(settings, engine):
         ls.close()
     assert r.status_code == 422 and "HTTP 401" in r.get_json()["error"]
     assert "LABEL_STUDIO_API_KEY" in r.get_json()["error"]
+
+
+def jwt(exp: float) -> str:
+    enc = lambda d: base64.urlsafe_b64encode(json.dumps(d).encode()).decode().rstrip("=")  # noqa: E731
+    return f"{enc({'alg': 'HS256'})}.{enc({'exp': exp, 'token_type': 'x'})}.c2ln"
+
+
+def test_personal_access_token_is_refreshed_and_sent_as_bearer(settings, engine):
+    pat, access = jwt(time.time() + 86400), jwt(time.time() + 300)
+    ls = ImageServer({"/data/upload/3/a.png": png_bytes(make_image())}, token=f"Bearer {access}",
+                     refresh={pat: access})
+    try:
+        settings.label_studio_url, settings.label_studio_api_key = ls.url, pat
+        c = create_app(settings, engine=engine).test_client()
+        for seed in (11, 12):  # two images: the access token is refreshed once and reused
+            ls.files[f"/data/upload/3/{seed}.png"] = png_bytes(make_image(seed=seed))
+            r = predict(c, {"result": [keypoint(50, 50)]}, image=f"/data/upload/3/{seed}.png")
+            assert r.status_code == 200, r.get_json()
+    finally:
+        ls.close()
+    paths = [p for p, _ in ls.requests]
+    assert paths == ["/api/token/refresh/", "/data/upload/3/11.png", "/data/upload/3/12.png"]
+    assert ls.requests[1][1]["Authorization"] == f"Bearer {access}"
+
+
+def test_a_revoked_personal_access_token_is_a_clear_error(settings, engine):
+    ls = ImageServer({"/data/upload/3/a.png": png_bytes(make_image())}, token="Bearer x", refresh={})
+    try:
+        settings.label_studio_url, settings.label_studio_api_key = ls.url, jwt(time.time() + 86400)
+        r = predict(create_app(settings, engine=engine).test_client(), {"result": [keypoint(50, 50)]},
+                    image="/data/upload/3/a.png")
+    finally:
+        ls.close()
+    assert r.status_code == 422 and "refused the personal access token" in r.get_json()["error"]
+
+
+def test_concurrent_requests_are_served_safely(settings, engine):
+    app = create_app(settings, engine=engine)
+    images = [data_uri(make_image(seed=200 + i)) for i in range(3)]
+
+    def one(i):
+        r = app.test_client().post("/predict", json={
+            "tasks": [{"id": i, "data": {"image": images[i % 3]}}], "project": "3.1", "label_config": CONFIG,
+            "params": {"context": {"result": [keypoint(10 + 10 * (i % 4), 50)]}}})
+        return r.status_code, json.dumps(r.get_json()["results"][0]["result"], sort_keys=True)
+
+    serial = [one(i) for i in range(12)]
+    with ThreadPoolExecutor(8) as pool:
+        parallel = list(pool.map(one, range(12)))
+    strip = lambda rs: [(code, re.sub(r'"id": "\w+"', "", body)) for code, body in rs]  # noqa: E731
+    assert strip(parallel) == strip(serial)
+    assert all(code == 200 for code, _ in parallel)
 
 
 def test_webhook_is_acknowledged(client):
