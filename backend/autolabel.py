@@ -20,6 +20,7 @@ import torch
 from torchvision.ops import nms
 
 from . import geometry
+from .config import parse_bool
 from .detections import Detections
 from .errors import BackendError
 from .labelconfig import LabelConfig
@@ -61,7 +62,10 @@ class Thresholds:
                         raise BackendError("thresholds.per_label must map labels to numbers")
                     out.per_label = {str(k): float(v) for k, v in value.items()}
                 elif key == "nms":
-                    out.nms = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+                    try:
+                        out.nms = parse_bool(value, "thresholds.nms")
+                    except ValueError as e:
+                        raise BackendError(str(e)) from None
                 elif key == "max_detections":
                     out.max_detections = int(value)
                 else:
@@ -197,22 +201,21 @@ class AutoLabeler:
         chunk: int = 4,
         prefetch: int = 16,
         workers: int = 8,
-    ) -> Iterator[tuple[object, Detections | None, Exception | None]]:
-        """(item, detections, error) for each item, in input order.
+    ) -> Iterator[tuple[object, object, Detections | None, Exception | None]]:
+        """(item, image, detections, error) for each item, in input order.
 
-        `load(item)` fetches and decodes an image on a worker thread; up to `prefetch` loads run ahead of
-        the model, so slow image servers overlap with compute. A failed load yields its error, not a crash.
+        `load(item)` fetches and decodes an image on a worker thread, once per item; up to `prefetch`
+        loads run ahead of the model, so slow image servers overlap with compute. A failed load yields
+        its error, not a crash.
         """
         items = list(items)
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sam3-fetch") as pool:
             futures = {}
-
-            def submit_until(n):
-                for j in range(len(futures), min(n, len(items))):
-                    futures[j] = pool.submit(load, items[j])
-
+            submitted = 0
             for start in range(0, len(items), chunk):
-                submit_until(start + chunk + prefetch)
+                while submitted < min(start + chunk + prefetch, len(items)):
+                    futures[submitted] = pool.submit(load, items[submitted])
+                    submitted += 1
                 batch = list(range(start, min(start + chunk, len(items))))
                 t0 = time.perf_counter()
                 images, errors = {}, {}
@@ -228,17 +231,16 @@ class AutoLabeler:
                 by_index = dict(zip(images, encs))
                 for j in batch:
                     if j in errors:
-                        yield items[j], None, errors[j]
+                        yield items[j], None, None, errors[j]
                         continue
                     try:
                         dets = self.label(by_index[j])
                     except Exception as e:
                         log.exception("labelling item %s failed", j)
-                        yield items[j], None, e
+                        yield items[j], images[j], None, e
                         continue
                     self.stages.images += 1
-                    yield items[j], dets, None
-                    by_index.pop(j, None)
+                    yield items[j], images[j], dets, None
 
 
 def group_by_label(dets: Detections) -> dict[str, Detections]:

@@ -47,6 +47,7 @@ def _serve(args) -> int:
 def _predict(args) -> int:
     """The batch pipeline on local files: Label Studio JSON and a preview PNG per image."""
     import json
+    from collections import Counter
     from pathlib import Path
 
     from .config import Settings
@@ -72,39 +73,34 @@ def _predict(args) -> int:
         xml = f'<View><Image name="image" value="$image"/><{tag} name="label" toName="image">{labels}</{tag}></View>'
     thresholds = {"confidence": args.threshold} if args.threshold is not None else None
     try:
-        runtime = Runtime(settings)
-        runtime._load()
+        runtime = Runtime(settings).load()
         engine = runtime.wait(0)
-
-        class Local(SAM3Backend):
-            def _load_task_image(self, task):
-                path = Path(task["data"]["image"])
-                return self.loader.decode(path.read_bytes(), name=str(path))
-
-        Local.runtime = runtime
-        model = Local(label_config=xml, extra_params={"ontology": ontology or None, "thresholds": thresholds},
-                      settings=settings)
+        model = SAM3Backend(label_config=xml, extra_params={"ontology": ontology or None, "thresholds": thresholds},
+                            settings=settings, runtime=runtime)
     except BackendError as e:
         print(f"error: {e.message}", file=sys.stderr)
         return 2
+
+    def load_file(task):  # local files here; the HTTP service never reads the local disk
+        path = Path(task["data"]["image"])
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise BackendError(f"cannot read {path}: {e.strerror}") from None
+        return model.loader.decode(data, name=str(path))
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tasks = [{"id": i, "data": {"image": str(Path(p).resolve())}} for i, p in enumerate(args.images, 1)]
-    predictions = model.predict(tasks)
-    for task, prediction in zip(tasks, predictions):
+    for task, image, prediction in model.iter_predictions(tasks, load=load_file):
         path = Path(task["data"]["image"])
         (out / f"{path.stem}.json").write_text(json.dumps({"data": task["data"], "predictions": [prediction]}, indent=1))
-        try:
-            image = model._load_task_image(task)
-        except BackendError as e:
-            print(f"{path}: {e.message}", file=sys.stderr)
+        if image is None:
+            print(f"{path}: not an image it could read (see the log); empty prediction written", file=sys.stderr)
             continue
         draw(image, prediction["result"]).save(out / f"{path.stem}.png")
-        counts = {}
-        for r in prediction["result"]:
-            label = r["value"][r["type"]][0]
-            counts[label] = counts.get(label, 0) + 1
-        print(f"{path.name}: {len(prediction['result'])} regions {counts or ''} -> {out / path.stem}.json/.png")
+        counts = Counter(r["value"][r["type"]][0] for r in prediction["result"])
+        print(f"{path.name}: {len(prediction['result'])} regions {dict(counts) or ''} -> {out / path.stem}.json/.png")
     print(f"model_version {model.model_version}; {engine.vit_passes} ViT passes for {len(tasks)} images")
     return 0
 

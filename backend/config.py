@@ -9,12 +9,32 @@ def _env(name: str, default: str = "") -> str:
     return os.environ.get(name, default).strip()
 
 
+def parse_bool(value, what: str) -> bool:
+    """true/false, 1/0, yes/no, on/off (any case), or a JSON boolean."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{what} must be true or false, got {value!r}")
+
+
 def _float(name: str, default: float) -> float:
     raw = _env(name)
     try:
         return float(raw) if raw else default
     except ValueError:
         raise SystemExit(f"{name} must be a number, got {raw!r}") from None
+
+
+def _bool(name: str, default: bool) -> bool:
+    raw = _env(name)
+    try:
+        return parse_bool(raw, name) if raw else default
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
 
 @dataclass
@@ -57,7 +77,7 @@ class Settings:
             ontology=_env("SAM3_ONTOLOGY"),
             max_detections=int(_float("SAM3_MAX_DETECTIONS", cls.max_detections)),
             min_area=_float("SAM3_MIN_AREA", cls.min_area),
-            nms=_env("SAM3_NMS", "true").lower() not in ("0", "false", "no", "off"),
+            nms=_bool("SAM3_NMS", cls.nms),
             nms_iou=_float("SAM3_NMS_IOU", cls.nms_iou),
             max_image_mb=_float("SAM3_MAX_IMAGE_MB", cls.max_image_mb),
             max_image_pixels=_float("SAM3_MAX_IMAGE_PIXELS", cls.max_image_pixels),

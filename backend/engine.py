@@ -300,26 +300,23 @@ class Sam3Engine:
 
     def _text_features(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Projected text features per prompt, computed once per distinct prompt and kept."""
-        with self._lock:
-            return self._text_features_locked(prompts)
-
-    def _text_features_locked(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
-        if missing:
-            tok = self.processor.tokenizer(
-                missing, padding="max_length", max_length=MAX_PROMPT_TOKENS, truncation=False, return_tensors="pt"
-            )
-            if tok["input_ids"].shape[1] > MAX_PROMPT_TOKENS:
-                raise BackendError(f"text prompt too long for SAM 3 (at most {MAX_PROMPT_TOKENS - 2} tokens)")
-            ids = tok["input_ids"].to(self.device)
-            attn = tok["attention_mask"].to(self.device)
-            feats = self.detector.get_text_features(input_ids=ids, attention_mask=attn).pooler_output
-            for j, p in enumerate(missing):
-                self._text_cache[p] = (feats[j : j + 1], attn[j : j + 1])
-            while len(self._text_cache) > 4096:
-                self._text_cache.popitem(last=False)
-        text = torch.cat([self._text_cache[p][0] for p in prompts])
-        attn = torch.cat([self._text_cache[p][1] for p in prompts])
+        with self._lock:  # the cache and the text encoder, together
+            missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
+            if missing:
+                tok = self.processor.tokenizer(
+                    missing, padding="max_length", max_length=MAX_PROMPT_TOKENS, truncation=False, return_tensors="pt"
+                )
+                if tok["input_ids"].shape[1] > MAX_PROMPT_TOKENS:
+                    raise BackendError(f"text prompt too long for SAM 3 (at most {MAX_PROMPT_TOKENS - 2} tokens)")
+                ids = tok["input_ids"].to(self.device)
+                attn = tok["attention_mask"].to(self.device)
+                feats = self.detector.get_text_features(input_ids=ids, attention_mask=attn).pooler_output
+                for j, p in enumerate(missing):
+                    self._text_cache[p] = (feats[j : j + 1], attn[j : j + 1])
+                while len(self._text_cache) > 4096:
+                    self._text_cache.popitem(last=False)
+            text = torch.cat([self._text_cache[p][0] for p in prompts])
+            attn = torch.cat([self._text_cache[p][1] for p in prompts])
         return text, attn
 
     def _upsample(self, logits: torch.Tensor, height: int, width: int, mask_threshold: float) -> np.ndarray:

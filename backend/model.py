@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import autolabel
+from . import autolabel, metrics
 from .autolabel import AutoLabeler, Thresholds
 from .base import LabelStudioMLBase
 from .config import Settings
@@ -61,11 +61,10 @@ class Runtime:
     def start_loading(self) -> None:
         if self.state == "ready":
             return
-        threading.Thread(target=self._load, name="sam3-load", daemon=True).start()
+        threading.Thread(target=self.load, name="sam3-load", daemon=True).start()
 
-    def _load(self) -> None:
-        from . import metrics
-
+    def load(self) -> "Runtime":
+        """Load in this thread (the CLI); failures are kept for /health and predict, not raised."""
         try:
             engine = Sam3Engine(self.settings.model, self.settings.device, int(self.settings.cache_mb * (1 << 20)))
             self.engine = engine.load()
@@ -76,6 +75,7 @@ class Runtime:
             self.state, self.error = "failed", f"{type(e).__name__}: {e}"
         finally:
             self._ready.set()
+        return self
 
     def wait(self, timeout: float) -> Sam3Engine:
         self._ready.wait(timeout)
@@ -87,7 +87,9 @@ class Runtime:
 
 
 class SAM3Backend(LabelStudioMLBase):
-    runtime: Runtime  # set by the app: one engine shared by every project
+    def __init__(self, *args, runtime: Runtime, **kwargs):
+        self.runtime = runtime  # one engine, shared by every project
+        super().__init__(*args, **kwargs)
 
     def setup(self) -> None:
         s = self.settings
@@ -104,19 +106,15 @@ class SAM3Backend(LabelStudioMLBase):
         )
         self._url_keys: OrderedDict[str, str] = OrderedDict()  # image URL -> encoding key
         self._lock = threading.Lock()
-        self.ontology, self.thresholds = None, self._thresholds()
-        if self.config is not None:
-            # Validated here so that a bad ontology is reported by /setup, listing the valid labels.
-            extra = self.extra_params if isinstance(self.extra_params, dict) else {}
-            spec = extra.get("ontology") or s.ontology or None
-            self.ontology = autolabel.parse_ontology(spec, self.config)
-
-    def _thresholds(self) -> Thresholds:
-        s = self.settings
+        # Validated here so that a bad ontology or threshold is reported by /setup.
+        extra = self.extra_params
+        if not isinstance(extra, dict):
+            raise BackendError("extra_params must be a JSON object, e.g. {\"ontology\": {...}, \"thresholds\": {...}}")
         base = Thresholds(confidence=s.text_threshold, max_detections=s.max_detections, min_area=s.min_area,
                           nms=s.nms, nms_iou=s.nms_iou)
-        extra = self.extra_params if isinstance(self.extra_params, dict) else {}
-        return Thresholds.from_dict(extra.get("thresholds"), base)
+        self.thresholds = Thresholds.from_dict(extra.get("thresholds"), base)
+        spec = extra.get("ontology") or s.ontology or None
+        self.ontology = autolabel.parse_ontology(spec, self.config) if self.config is not None else None
 
     @property
     def model_version(self) -> str:
@@ -142,17 +140,18 @@ class SAM3Backend(LabelStudioMLBase):
 
         A task whose image cannot be read gets an empty prediction (logged with its id); the rest go on.
         """
-        engine = self.runtime.wait(timeout=300)
-        labeler = self.auto_labeler(engine)
-        out = []
-        for task, dets, error in labeler.run(tasks, self._load_task_image):
+        return [prediction for _, _, prediction in self.iter_predictions(tasks)]
+
+    def iter_predictions(self, tasks: list[dict], load=None):
+        """(task, image or None, prediction) in task order; `load(task)` defaults to fetching its image URL."""
+        labeler = self.auto_labeler(self.runtime.wait(timeout=300))
+        for task, image, dets, error in labeler.run(tasks, load or self._load_task_image):
             if error is not None:
                 log.warning("task %s: no prediction: %s", task.get("id"), getattr(error, "message", error))
-                out.append(self._prediction([], 0.0))
-                continue
-            out.append(self.prediction_for(dets))
+                yield task, image, self._prediction([], 0.0)
+            else:
+                yield task, image, self.prediction_for(dets)
         log.info("predicted %d tasks: %s", len(tasks), labeler.stages)
-        return out
 
     def auto_labeler(self, engine) -> AutoLabeler:
         return AutoLabeler(engine, self.ontology, self.thresholds, self.settings.mask_threshold)
@@ -169,8 +168,7 @@ class SAM3Backend(LabelStudioMLBase):
         return self._prediction(regions, score)
 
     def _load_task_image(self, task: dict):
-        url = self._image_url(task)
-        return self.loader.load(url)
+        return self.loader.load(self._image_url(task))
 
     def predict_interactive(self, task: dict, context: dict) -> dict:
         if not context.get("result"):
@@ -238,7 +236,5 @@ class SAM3Backend(LabelStudioMLBase):
                 while len(self._url_keys) > 10000:
                     self._url_keys.popitem(last=False)
         else:
-            from . import metrics
-
             metrics.CACHE_EVENTS.labels("hit").inc()
         return enc

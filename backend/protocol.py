@@ -43,7 +43,7 @@ class Projects:
     def setup(self, project, schema, hostname="", access_token="", extra_params=None):
         model = self.backend_class(
             project_id=_project_key(project), label_config=schema, hostname=hostname, access_token=access_token,
-            extra_params=extra_params, settings=self.settings,
+            extra_params=extra_params, settings=self.settings, runtime=self.runtime,
         )
         with self._lock:
             self._items[_project_key(project)] = model
@@ -66,7 +66,6 @@ def create_app(settings: Settings | None = None, engine: Sam3Engine | None = Non
     """The WSGI app. Without `engine`, SAM 3 loads in a background thread (inside the serving process)."""
     settings = settings or Settings.from_env()
     runtime = Runtime(settings, engine)
-    backend_class = type(backend_class.__name__, (backend_class,), {"runtime": runtime})
     projects = Projects(backend_class, settings, runtime)
     app = Flask(__name__)
     app.config["runtime"] = runtime

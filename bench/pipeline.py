@@ -78,17 +78,16 @@ def main() -> None:
            + "".join(f'<Label value="{v}"/>' for v in labels) + "</PolygonLabels></View>")
     settings = Settings(model=args.checkpoint, device=args.device)
     engine = Sam3Engine(args.checkpoint, device=args.device).load()
-    runtime = Runtime(settings, engine)
-    cls = type("Bench", (SAM3Backend,), {"runtime": runtime})
     thresholds = {"confidence": args.confidence} if args.confidence is not None else None
-    model = cls(label_config=xml, settings=settings, extra_params={"thresholds": thresholds})
+    model = SAM3Backend(label_config=xml, settings=settings, extra_params={"thresholds": thresholds},
+                        runtime=Runtime(settings, engine))
     tasks = [{"id": i, "data": {"image": f"{base}/img{i}.jpg"}} for i in range(args.images)]
 
     labeler = model.auto_labeler(engine)
     f0 = forward_seconds()
     t0 = time.perf_counter()
     serialise, regions = 0.0, 0
-    for _task, dets, error in labeler.run(tasks, model._load_task_image):
+    for _task, _image, dets, error in labeler.run(tasks, model._load_task_image):
         assert error is None, error
         t1 = time.perf_counter()
         pred = model.prediction_for(dets)

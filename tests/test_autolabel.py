@@ -1,3 +1,6 @@
+from collections import Counter
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -185,3 +188,40 @@ def test_each_image_is_encoded_once_in_chunks(settings, engine):
     tasks = [{"id": i, "data": {"image": data_uri(make_image(seed=100 + i))}} for i in range(6)]
     assert len(batch(client, tasks).get_json()["results"]) == 6
     assert engine.vit_passes - before == 2  # two chunks of up to 4 images, one ViT forward each
+
+
+def test_each_image_is_fetched_once_and_results_keep_input_order():
+    class Engine:  # enough of an engine for the scheduling: no model needed
+        def encode_many(self, images):
+            return [SimpleNamespace(height=2, width=2, image=im) for im in images]
+
+        def detect(self, enc, prompts, threshold=0.5, mask_threshold=0.5):
+            return [Detections.empty(2, 2) for _ in prompts]
+
+    loads = Counter()
+
+    def load(i):
+        loads[i] += 1
+        if i == 7:
+            raise BackendError("broken")
+        return f"image-{i}"
+
+    out = list(AutoLabeler(Engine(), [Entry("a", "a")], Thresholds()).run(range(40), load))
+    assert loads == Counter(range(40))  # 40 downloads for 40 images, however far the prefetch runs ahead
+    assert [item for item, *_ in out] == list(range(40))
+    assert [image for _, image, _, _ in out][:3] == ["image-0", "image-1", "image-2"]
+    assert out[7][1:3] == (None, None) and out[7][3].message == "broken"
+    assert all(err is None for i, (_, _, _, err) in enumerate(out) if i != 7)
+
+
+def test_nms_switch_reads_the_same_words_as_the_environment():
+    assert Thresholds.from_dict({"nms": "off"}).nms is False
+    assert Thresholds.from_dict({"nms": "on"}).nms is True
+    with pytest.raises(BackendError, match="thresholds.nms must be true or false"):
+        Thresholds.from_dict({"nms": "maybe"})
+
+
+def test_extra_params_that_are_not_an_object_are_refused_at_setup(settings, engine):
+    client = create_app(settings, engine=engine).test_client()
+    r = client.post("/setup", json={"project": "9.1", "schema": CONFIG, "extra_params": "ontology=cat"})
+    assert r.status_code == 400 and "extra_params must be a JSON object" in r.get_json()["error"]
