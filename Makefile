@@ -5,7 +5,7 @@ LS_VERSION ?= 1.23.2
 LS_VENV ?= $(HOME)/.cache/label-studio-sam3/ls-$(LS_VERSION)
 PORT ?= 9090
 
-.PHONY: run test install label-studio-venv bench
+.PHONY: run test install label-studio-venv bench constraints
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -28,3 +28,10 @@ run: install
 
 test: install label-studio-venv
 	LS_VENV=$(LS_VENV) $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# Pins for the Docker image, from the environment the tests passed in (the base image brings torch and CUDA).
+constraints: install
+	{ echo "# Versions the tests passed with (pip constraints; the Docker image installs with them)."; \
+	  echo "# torch, torchvision and the CUDA libraries come from the base image. Regenerate: make constraints"; \
+	  $(VENV)/bin/pip freeze --exclude-editable | grep -viE '^(torch==|torchvision==|triton==|nvidia-|cuda-|pytest==|iniconfig==|pluggy==|pygments==|requests-mock==|setuptools==|pip==|label-studio-sam3)'; \
+	} > constraints.txt

@@ -7,6 +7,27 @@ import os
 import sys
 
 
+def gunicorn_options(args, settings) -> dict:
+    """Serving on one GPU: one process holds the model (GPU memory is not shared across forks) and
+    request threads share it; the app, and with it CUDA, is created in the worker after the fork."""
+    options = {
+        "bind": f"{args.host}:{args.port}",
+        "workers": 1,
+        "worker_class": "gthread",
+        "threads": args.threads,
+        "preload_app": False,  # never initialise CUDA in the master that forks
+        "timeout": args.timeout,  # a large batch predict can take minutes
+        "graceful_timeout": args.graceful_timeout,  # on SIGTERM, finish the request in hand
+        "keepalive": 5,
+        "accesslog": "-" if args.access_log else None,
+        "errorlog": "-",
+        "loglevel": settings.log_level.lower(),
+    }
+    if os.path.isdir("/dev/shm"):
+        options["worker_tmp_dir"] = "/dev/shm"  # heartbeat file off a container's overlay disk
+    return options
+
+
 def _serve(args) -> int:
     from gunicorn.app.base import BaseApplication
 
@@ -17,22 +38,7 @@ def _serve(args) -> int:
 
     class App(BaseApplication):
         def load_config(self):
-            # One process holds the model (GPU memory is not shared across forks); request threads share it.
-            # The app, and with it CUDA, is created in the worker after the fork (no preload).
-            options = {
-                "bind": f"{args.host}:{args.port}",
-                "workers": 1,
-                "worker_class": "gthread",
-                "threads": args.threads,
-                "timeout": args.timeout,  # a large batch predict can take minutes on CPU
-                "graceful_timeout": args.graceful_timeout,  # finish the request in hand on SIGTERM
-                "keepalive": 5,
-                "preload_app": False,
-                "accesslog": "-" if args.access_log else None,
-                "errorlog": "-",
-                "loglevel": settings.log_level.lower(),
-            }
-            for key, value in options.items():
+            for key, value in gunicorn_options(args, settings).items():
                 self.cfg.set(key, value)
 
         def load(self):
@@ -42,6 +48,23 @@ def _serve(args) -> int:
 
     App().run()
     return 0
+
+
+def _health(args) -> int:
+    """Exit 0 when the service answers and its model is loaded (the container HEALTHCHECK)."""
+    import requests
+
+    from .config import Settings
+
+    settings = Settings.from_env()
+    auth = (settings.basic_auth_user, settings.basic_auth_pass) if settings.basic_auth_user else None
+    try:
+        data = requests.get(f"http://127.0.0.1:{args.port}/health", auth=auth, timeout=5).json()
+    except (requests.RequestException, ValueError) as e:
+        print(f"unhealthy: {type(e).__name__}", file=sys.stderr)
+        return 1
+    print(f"{data.get('model_state')}: {data.get('model')} on {data.get('device')}")
+    return 0 if data.get("model_state") == "ready" else 1
 
 
 def _predict(args) -> int:
@@ -61,10 +84,7 @@ def _predict(args) -> int:
     if args.device:
         settings.device = args.device
     logging.basicConfig(level=settings.log_level, format="%(levelname)s %(name)s: %(message)s")
-    ontology = {}
-    for spec in args.prompt:
-        prompt, _, label = spec.partition("=")
-        ontology[prompt.strip()] = (label or prompt).strip()
+    ontology = _ontology(args.prompt) or {}
     if args.config:
         xml = Path(args.config).read_text()
     else:
@@ -105,7 +125,171 @@ def _predict(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def _ontology(specs: list[str]) -> dict | None:
+    ontology = {}
+    for spec in specs:
+        prompt, _, label = spec.partition("=")
+        ontology[prompt.strip()] = (label or prompt).strip()
+    return ontology or None
+
+
+def _label(args) -> int:
+    """A bulk label job over a Label Studio project: here with a progress line, or queued for workers."""
+    import threading
+
+    from . import dispatch, jobs
+    from .config import Settings
+    from .errors import BackendError
+    from .model import Runtime
+    from .store import MemoryStore
+
+    settings = Settings.from_env()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    api = dispatch.api_from(settings)
+    if api is None:
+        print("error: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY", file=sys.stderr)
+        return 2
+    body = {"project": args.project, "ontology": _ontology(args.prompt), "limit": args.limit,
+            "overwrite": args.overwrite, "dry_run": args.dry_run, "chunk_size": args.chunk_size}
+    if args.threshold is not None:
+        body["thresholds"] = {"confidence": args.threshold}
+    if args.tasks:
+        body["tasks"] = args.tasks
+    runtime = Runtime(settings)
+    try:
+        if args.queue:
+            if not settings.redis_url:
+                print("error: --queue needs REDIS_URL (the workers' Redis)", file=sys.stderr)
+                return 2
+            store = dispatch.redis_store(settings)
+            job = jobs.create(store, api, settings, runtime, body)
+            dispatch.enqueue(settings, store.r, job["id"])
+            print(job["id"])
+            return 0
+        store = MemoryStore()
+        job = jobs.create(store, api, settings, runtime, body)
+    except BackendError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        return 2
+    print(f"job {job['id']}: project {args.project}, model_version {job['model_version']}", file=sys.stderr)
+    runtime.load()
+    finished = threading.Event()
+    printer = threading.Thread(target=_progress, args=(store, job["id"], finished), daemon=True)
+    printer.start()
+    jobs.run_all(jobs.Context(settings, runtime, store, api), job["id"])
+    finished.set()
+    printer.join()
+    job = store.get(job["id"])
+    print(_summary(job), file=sys.stderr)
+    if args.dry_run:
+        import json
+
+        print(json.dumps(job.get("predictions") or [], indent=1))
+    return 0 if job["status"] == "succeeded" else 1
+
+
+def _progress(store, job_id: str, finished, every: float = 1.0) -> None:
+    """One line, redrawn: done/total, tasks/s, ETA (stderr is a terminal) or a line per 10% (a log)."""
+    import time
+
+    from .jobs import view
+
+    tty, last_tenth = sys.stderr.isatty(), -1
+    while True:
+        stop = finished.wait(every)
+        v = view(store.get(job_id))
+        total, done = v.get("total", 0), v.get("processed", 0)
+        eta = v.get("eta_seconds")
+        line = (f"{done}/{total} tasks  {v.get('tasks_per_second', 0):.2f} tasks/s  "
+                f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta)) if eta is not None else '--:--:--'}  "
+                f"predicted {v['predicted']} skipped {v['skipped']} failed {v['failed']}")
+        if tty:
+            print("\r" + line, end="\n" if stop else "", file=sys.stderr, flush=True)
+        elif total and (done * 10 // total) != last_tenth:
+            last_tenth = done * 10 // total
+            print(line, file=sys.stderr, flush=True)
+        if stop:
+            return
+
+
+def _summary(job: dict) -> str:
+    lines = [f"job {job['id']} {job['status']}: {job['total']} tasks, {job['predicted']} predicted "
+             f"({job['regions_added']} regions), {job['skipped']} skipped, {job['failed']} failed"]
+    for e in job.get("errors") or []:
+        lines.append(f"  task {e['task']}: {e['error']}" if e.get("task") is not None else f"  {e['error']}")
+    return "\n".join(lines)
+
+
+def _jobs(args) -> int:
+    """Status of jobs: from Redis (REDIS_URL) or from a running service (--url)."""
+    import json
+
+    import requests
+
+    from . import dispatch, jobs
+    from .config import Settings
+
+    settings = Settings.from_env()
+    if settings.redis_url:
+        store = dispatch.redis_store(settings)
+        if args.id:
+            job = store.get(args.id)
+            if job is None:
+                print(f"error: no job {args.id}", file=sys.stderr)
+                return 1
+            data = jobs.view(job)
+        else:
+            items, total = store.list(args.status, 0, args.limit)
+            data = {"jobs": [jobs.view(j) for j in items], "total": total}
+    else:
+        url = args.url.rstrip("/") + (f"/jobs/{args.id}" if args.id else "/jobs")
+        try:
+            auth = (settings.basic_auth_user, settings.basic_auth_pass) if settings.basic_auth_user else None
+            r = requests.get(url, params=None if args.id else {"status": args.status, "limit": args.limit},
+                             auth=auth, timeout=10)
+        except requests.RequestException as e:
+            print(f"error: cannot reach the service at {args.url} ({type(e).__name__}); set REDIS_URL or --url",
+                  file=sys.stderr)
+            return 1
+        data = r.json()
+        if r.status_code != 200:
+            print(f"error: {data.get('error')}", file=sys.stderr)
+            return 1
+    if args.json:
+        print(json.dumps(data, indent=1))
+    elif args.id:
+        print(_summary(data))
+    else:
+        for j in data["jobs"]:
+            print(f"{j['id']}  {j['status']:<9}  project {j['project']:<5}  {j['processed']}/{j['total']} tasks  "
+                  f"{j['predicted']} predicted  {j['failed']} failed  {j.get('created_at', '')}")
+    return 0
+
+
+def _worker(args) -> int:
+    """An rq worker: loads SAM 3 once, then runs label jobs from the queue until stopped."""
+    from . import dispatch
+    from .config import Settings
+
+    settings = Settings.from_env()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not settings.redis_url:
+        print("error: the worker needs REDIS_URL", file=sys.stderr)
+        return 2
+    if not settings.label_studio_url:
+        print("error: the worker needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY", file=sys.stderr)
+        return 2
+    ctx = dispatch.worker_context()  # loads the model now, before any job is taken
+    if ctx.runtime.state != "ready":
+        print(f"error: {ctx.runtime.error}", file=sys.stderr)
+        return 1
+    worker = dispatch.make_worker(settings, ctx.store.r, name=args.name)
+    ctx.heartbeat, ctx.worker = worker.beat, worker.name
+    worker.work(burst=args.burst, logging_level=settings.log_level)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="label-studio-sam3", description="SAM 3 ML backend for Label Studio")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the ML backend HTTP service (gunicorn)")
@@ -113,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, default=int(os.environ.get("PORT", "9090")))
     serve.add_argument("--threads", type=int, default=int(os.environ.get("THREADS", "8")))
     serve.add_argument("--timeout", type=int, default=int(os.environ.get("GUNICORN_TIMEOUT", "600")))
-    serve.add_argument("--graceful-timeout", type=int, default=120)
+    serve.add_argument("--graceful-timeout", type=int, default=int(os.environ.get("GRACEFUL_TIMEOUT", "120")))
     serve.add_argument("--access-log", action="store_true", help="log every request")
     serve.set_defaults(func=_serve)
     pred = sub.add_parser("predict", help="pre-annotate local images: Label Studio JSON + preview PNG per image")
@@ -127,7 +311,37 @@ def main(argv: list[str] | None = None) -> int:
     pred.add_argument("--model", help="checkpoint (default SAM3_MODEL)")
     pred.add_argument("--device")
     pred.set_defaults(func=_predict)
-    args = parser.parse_args(argv)
+    label = sub.add_parser("label", help="auto-label a Label Studio project (LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY)")
+    label.add_argument("--project", type=int, required=True)
+    label.add_argument("--limit", type=int, help="label at most N tasks")
+    label.add_argument("--tasks", type=int, nargs="+", help="only these task ids")
+    label.add_argument("--overwrite", action="store_true", help="replace this backend's earlier predictions")
+    label.add_argument("--prompt", action="append", default=[], metavar="PROMPT[=LABEL]",
+                       help="text prompt and its label (default: the project's labels)")
+    label.add_argument("--threshold", type=float, help="minimum score")
+    label.add_argument("--chunk-size", type=int, help="tasks per rq job (default SAM3_JOB_CHUNK)")
+    label.add_argument("--dry-run", action="store_true", help="label --limit tasks (default 10), print, post nothing")
+    label.add_argument("--queue", action="store_true", help="enqueue for rq workers (REDIS_URL) and print the job id")
+    label.set_defaults(func=_label)
+    jobs_cmd = sub.add_parser("jobs", help="show label jobs (REDIS_URL, or the service at --url)")
+    jobs_cmd.add_argument("id", nargs="?")
+    jobs_cmd.add_argument("--status")
+    jobs_cmd.add_argument("--limit", type=int, default=20)
+    jobs_cmd.add_argument("--url", default=os.environ.get("SAM3_URL", "http://localhost:9090"))
+    jobs_cmd.add_argument("--json", action="store_true")
+    jobs_cmd.set_defaults(func=_jobs)
+    worker = sub.add_parser("worker", help="run an rq worker for label jobs (REDIS_URL)")
+    worker.add_argument("--name")
+    worker.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    worker.set_defaults(func=_worker)
+    health = sub.add_parser("health", help="exit 0 when the local service is up with its model loaded")
+    health.add_argument("--port", type=int, default=int(os.environ.get("PORT", "9090")))
+    health.set_defaults(func=_health)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     return args.func(args)
 
 

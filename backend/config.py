@@ -58,6 +58,13 @@ class Settings:
     max_image_mb: float = 50.0
     max_image_pixels: float = 100e6
     fetch_timeout: float = 30.0
+    fetch_retries: int = 3  # attempts per image on 429/5xx/dropped connections
+    redis_url: str = ""  # set: jobs go to rq workers; unset: one background thread in the service
+    queue: str = "sam3"
+    job_chunk: int = 64  # tasks per rq job; several workers share a project chunk by chunk
+    post_batch: int = 16  # predictions per bulk import request
+    job_heartbeat: int = 120  # seconds without a sign of life before a worker's chunk is retried elsewhere
+    api_retries: int = 6  # attempts per Label Studio API call on 429/5xx/dropped connections
     log_level: str = "INFO"
 
     @classmethod
@@ -82,5 +89,12 @@ class Settings:
             max_image_mb=_float("SAM3_MAX_IMAGE_MB", cls.max_image_mb),
             max_image_pixels=_float("SAM3_MAX_IMAGE_PIXELS", cls.max_image_pixels),
             fetch_timeout=_float("SAM3_FETCH_TIMEOUT", cls.fetch_timeout),
+            fetch_retries=int(_float("SAM3_FETCH_RETRIES", cls.fetch_retries)),
+            redis_url=_env("REDIS_URL"),
+            queue=_env("SAM3_QUEUE", cls.queue),
+            job_chunk=int(_float("SAM3_JOB_CHUNK", cls.job_chunk)),
+            post_batch=int(_float("SAM3_POST_BATCH", cls.post_batch)),
+            job_heartbeat=int(_float("SAM3_JOB_HEARTBEAT", cls.job_heartbeat)),
+            api_retries=int(_float("SAM3_API_RETRIES", cls.api_retries)),
             log_level=_env("LOG_LEVEL", cls.log_level).upper(),
         )

@@ -20,6 +20,7 @@ import requests
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError
+from .retry import RETRY_STATUS, Backoff, Transient, retry_after, with_retries
 
 log = logging.getLogger(__name__)
 Image.MAX_IMAGE_PIXELS = None  # we apply our own, clearer, limit
@@ -92,8 +93,10 @@ class LabelStudio:
 class ImageLoader:
     """Fetches task images with size limits; one instance per Label Studio connection."""
 
-    def __init__(self, ls: LabelStudio | None, max_bytes: int = 50 << 20, max_pixels: float = 100e6, timeout=30.0):
+    def __init__(self, ls: LabelStudio | None, max_bytes: int = 50 << 20, max_pixels: float = 100e6, timeout=30.0,
+                 backoff: Backoff | None = None):
         self.ls = ls
+        self.backoff = backoff or Backoff(attempts=3, base=0.2)
         self.max_bytes = int(max_bytes)
         self.max_pixels = max_pixels
         self.timeout = timeout
@@ -127,6 +130,12 @@ class ImageLoader:
                 return base64.b64decode(full.split(",", 1)[1], validate=False)
             except (IndexError, binascii.Error):
                 raise ImageError("data: URI image is not valid base64") from None
+        try:
+            return with_retries(lambda: self._get(full), self.backoff, f"fetch {full}")
+        except Transient as e:
+            raise ImageError(str(e)) from None
+
+    def _get(self, full: str) -> bytes:
         headers = self.ls.auth_header() if (self.ls and self.ls.owns(full)) else {}
         try:
             with self.session.get(full, headers=headers, timeout=self.timeout, stream=True) as r:
@@ -137,6 +146,8 @@ class ImageLoader:
                         else "the image server needs credentials this backend does not have"
                     )
                     raise ImageError(f"image {full} refused with HTTP {r.status_code}: {hint}")
+                if r.status_code in RETRY_STATUS:
+                    raise Transient(f"image {full} answered HTTP {r.status_code}", retry_after(r))
                 if r.status_code != 200:
                     raise ImageError(f"image {full} answered HTTP {r.status_code}")
                 size = int(r.headers.get("Content-Length") or 0)
@@ -150,7 +161,7 @@ class ImageLoader:
                 log.debug("fetched %s%s", full, " with the Label Studio token" if headers else "")
                 return buf.getvalue()
         except requests.RequestException as e:
-            raise ImageError(f"could not fetch image {full}: {type(e).__name__}: {e}") from None
+            raise Transient(f"could not fetch image {full}: {type(e).__name__}: {e}") from None
 
     def decode(self, data: bytes, name: str = "image") -> Image.Image:
         try:

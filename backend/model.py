@@ -20,6 +20,7 @@ from .errors import BackendError
 from .images import ImageLoader, LabelStudio
 from .labelconfig import LabelConfig
 from .prompts import Prompt, parse_context
+from .retry import Backoff
 from .regions import to_regions
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,7 @@ class SAM3Backend(LabelStudioMLBase):
             max_bytes=int(s.max_image_mb * (1 << 20)),
             max_pixels=s.max_image_pixels,
             timeout=s.fetch_timeout,
+            backoff=Backoff(attempts=max(1, s.fetch_retries)),
         )
         self._url_keys: OrderedDict[str, str] = OrderedDict()  # image URL -> encoding key
         self._lock = threading.Lock()
@@ -145,7 +147,7 @@ class SAM3Backend(LabelStudioMLBase):
     def iter_predictions(self, tasks: list[dict], load=None):
         """(task, image or None, prediction) in task order; `load(task)` defaults to fetching its image URL."""
         labeler = self.auto_labeler(self.runtime.wait(timeout=300))
-        for task, image, dets, error in labeler.run(tasks, load or self._load_task_image):
+        for task, image, dets, error in labeler.run(tasks, load or self.load_task_image):
             if error is not None:
                 log.warning("task %s: no prediction: %s", task.get("id"), getattr(error, "message", error))
                 yield task, image, self._prediction([], 0.0)
@@ -167,7 +169,7 @@ class SAM3Backend(LabelStudioMLBase):
         score = float(np.mean(dets.scores)) if len(dets) else 0.0
         return self._prediction(regions, score)
 
-    def _load_task_image(self, task: dict):
+    def load_task_image(self, task: dict):
         return self.loader.load(self._image_url(task))
 
     def predict_interactive(self, task: dict, context: dict) -> dict:

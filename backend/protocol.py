@@ -1,6 +1,7 @@
 """The Label Studio ML-backend HTTP contract on Flask.
 
-Routes: GET / and /health, POST /setup, POST /predict, POST /webhook, GET /metrics.
+Routes: GET / and /health, POST /setup, POST /predict, POST /webhook, GET /metrics, and the bulk
+label jobs: POST /jobs, GET /jobs, GET /jobs/<id>, DELETE /jobs/<id>.
 Every error is JSON `{"error": ...}` with a 4xx status where the request is at fault.
 """
 from __future__ import annotations
@@ -14,9 +15,10 @@ import time
 
 from flask import Flask, Response, g, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.exceptions import RedisError
 from werkzeug.exceptions import HTTPException
 
-from . import __version__, metrics
+from . import __version__, dispatch, jobs, metrics
 from .config import Settings
 from .engine import Sam3Engine
 from .errors import BackendError
@@ -49,6 +51,12 @@ class Projects:
             self._items[_project_key(project)] = model
         return model
 
+    def connection(self, project) -> tuple[str, str]:
+        """The Label Studio host and token a project's /setup gave, or empty strings."""
+        with self._lock:
+            model = self._items.get(_project_key(project))
+        return (model.hostname, model.access_token) if model else ("", "")
+
     def get(self, project, label_config):
         key = _project_key(project)
         with self._lock:
@@ -73,6 +81,17 @@ def create_app(settings: Settings | None = None, engine: Sam3Engine | None = Non
     runtime.start_loading()
     if runtime.state == "ready":
         metrics.MODEL_LOADED.set(1)
+    # Jobs: rq workers when REDIS_URL is set, else one thread of this process.
+    redis = store = runner = None
+    if settings.redis_url:
+        store = dispatch.redis_store(settings)
+        redis = store.r
+    else:
+        from .store import MemoryStore
+
+        store = MemoryStore()
+        runner = dispatch.EmbeddedRunner(settings, runtime, store)
+    app.config["jobs"] = store
 
     def body() -> dict:
         data = request.get_json(silent=True)
@@ -101,6 +120,11 @@ def create_app(settings: Settings | None = None, engine: Sam3Engine | None = Non
     def _backend_error(e: BackendError):
         log.info("%s %s -> %d: %s", request.method, request.path, e.status, e.message)
         return jsonify({"error": e.message}), e.status
+
+    @app.errorhandler(RedisError)
+    def _redis_error(e: RedisError):
+        log.error("Redis error on %s %s: %s", request.method, request.path, e)
+        return jsonify({"error": f"the job store (Redis) is not answering: {type(e).__name__}"}), 503
 
     @app.errorhandler(HTTPException)
     def _http_error(e: HTTPException):
@@ -162,6 +186,45 @@ def create_app(settings: Settings | None = None, engine: Sam3Engine | None = Non
         data = request.get_json(silent=True) or {}
         action = data.get("action") if isinstance(data, dict) else None
         return jsonify({"status": "ok", "action": action, "trained": False}), 200
+
+    @app.post("/jobs")
+    def create_job():
+        data = body()
+        api = dispatch.api_from(settings, *projects.connection(data.get("project")))
+        if api is None:
+            raise BackendError("no Label Studio connection for jobs: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY, "
+                               "or connect this backend to the project in Label Studio first")
+        job = jobs.create(store, api, settings, runtime, data)
+        if redis is not None:
+            dispatch.enqueue(settings, redis, job["id"])
+        else:
+            runner.submit(job["id"], api)
+        return jsonify({"job_id": job["id"], "status": job["status"], "model_version": job["model_version"],
+                        "url": f"/jobs/{job['id']}"}), 202
+
+    @app.get("/jobs")
+    def list_jobs():
+        status = jobs.check_status(request.args.get("status"))
+        try:
+            offset = int(request.args.get("offset", 0))
+            limit = int(request.args.get("limit", 20))
+        except ValueError:
+            raise BackendError("offset and limit must be integers") from None
+        if offset < 0 or not 1 <= limit <= 500:
+            raise BackendError("offset must be >= 0 and limit between 1 and 500")
+        items, total = store.list(status, offset, limit)
+        return jsonify({"jobs": [jobs.view(j) for j in items], "total": total, "offset": offset, "limit": limit})
+
+    @app.get("/jobs/<job_id>")
+    def get_job(job_id):
+        job = store.get(job_id)
+        if job is None:
+            raise BackendError(f"no job {job_id}", 404)
+        return jsonify(jobs.view(job))
+
+    @app.delete("/jobs/<job_id>")
+    def cancel_job(job_id):
+        return jsonify(jobs.view(jobs.cancel(store, job_id))), 202
 
     @app.get("/metrics")
     def prometheus():

@@ -1,14 +1,22 @@
 import base64
 import io
+import os
+import secrets
 import socket
+import subprocess
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 from PIL import Image
 
 from backend.checkpoints import build_checkpoint
 from backend.config import Settings
 from backend.engine import Sam3Engine
+
+LS_VENV = Path(os.environ.get("LS_VENV", Path.home() / ".cache/label-studio-sam3/ls-1.23.2"))
 
 CONFIG = """<View>
   <Image name="image" value="$image"/>
@@ -84,3 +92,40 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_http(url, proc, seconds, log):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url} process exited:\n{Path(log).read_text()[-3000:]}")
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"{url} did not come up in {seconds}s:\n{Path(log).read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="session")
+def label_studio(tmp_path_factory):
+    exe = LS_VENV / "bin" / "label-studio"
+    # CI installs it (make test); a missing install is a failure, not a skip.
+    assert exe.exists(), f"Label Studio is not installed at {LS_VENV}: run `make label-studio-venv`"
+    data = tmp_path_factory.mktemp("ls-data")
+    port, token = free_port(), secrets.token_hex(20)
+    log = data / "ls.log"
+    env = dict(os.environ, USE_DEFAULT_BANNED_SUBNETS="false", LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK="true")
+    cmd = [str(exe), "start", "--no-browser", "--data-dir", str(data), "--internal-host", "127.0.0.1", "-p", str(port),
+           "--username", "admin@example.com", "--password", "e2e-Passw0rd", "--user-token", token,
+           "--enable-legacy-api-token"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=data, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url + "/health", proc, 300, log)
+        yield url, {"Authorization": f"Token {token}"}, token
+    finally:
+        proc.terminate()
+        proc.wait(30)

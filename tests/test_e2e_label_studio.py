@@ -1,7 +1,6 @@
 """End to end: a real Label Studio (own virtualenv) talks to `label-studio-sam3 serve` over HTTP."""
 import os
 import re
-import secrets
 import subprocess
 import sys
 import time
@@ -10,47 +9,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import CONFIG, free_port, keypoint, make_image, png_bytes
+from conftest import CONFIG, free_port, keypoint, make_image, png_bytes, wait_http
 
 pytestmark = pytest.mark.e2e
-LS_VENV = Path(os.environ.get("LS_VENV", Path.home() / ".cache/label-studio-sam3/ls-1.23.2"))
-
-
-def wait_http(url, proc, seconds, log):
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{url} process exited:\n{Path(log).read_text()[-3000:]}")
-        try:
-            if requests.get(url, timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(1)
-    raise RuntimeError(f"{url} did not come up in {seconds}s:\n{Path(log).read_text()[-3000:]}")
-
-
-@pytest.fixture(scope="module")
-def label_studio(tmp_path_factory):
-    exe = LS_VENV / "bin" / "label-studio"
-    # CI installs it (make test); a missing install is a failure, not a skip.
-    assert exe.exists(), f"Label Studio is not installed at {LS_VENV}: run `make label-studio-venv`"
-    data = tmp_path_factory.mktemp("ls-data")
-    port, token = free_port(), secrets.token_hex(20)
-    log = data / "ls.log"
-    env = dict(os.environ, USE_DEFAULT_BANNED_SUBNETS="false", LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK="true")
-    cmd = [str(exe), "start", "--no-browser", "--data-dir", str(data), "--internal-host", "127.0.0.1", "-p", str(port),
-           "--username", "admin@example.com", "--password", "e2e-Passw0rd", "--user-token", token,
-           "--enable-legacy-api-token"]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=data, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(url + "/health", proc, 300, log)
-        yield url, {"Authorization": f"Token {token}"}
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +40,7 @@ def backend_url(checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def project(label_studio, backend_url):
-    ls, headers = label_studio
+    ls, headers, _ = label_studio
     r = requests.post(f"{ls}/api/projects", headers=headers, json={"title": "SAM 3 e2e", "label_config": CONFIG})
     assert r.status_code == 201, r.text
     pid = r.json()["id"]
@@ -103,7 +64,7 @@ def test_label_studio_connects_and_stores_the_model_version(project, backend_url
 
 
 def test_keypoint_click_in_label_studio_returns_a_labelled_polygon(label_studio, project, backend_url):
-    ls, headers = label_studio
+    ls, headers, _ = label_studio
     image_url = project["task"]["data"]["image"]
     assert image_url.startswith("/data/upload/")
     assert requests.get(ls + image_url).status_code == 401  # Label Studio needs the token for it
@@ -126,7 +87,7 @@ def test_keypoint_click_in_label_studio_returns_a_labelled_polygon(label_studio,
 
 
 def test_batch_predictions_are_stored_one_per_task(label_studio, project, backend_url):
-    ls, headers = label_studio
+    ls, headers, _ = label_studio
     version = project["ml"]["model_version"]
     assert version != requests.get(backend_url[0] + "/health").json()["model_version"]  # thresholds are in it
     r = requests.post(f"{ls}/api/dm/actions", params={"id": "retrieve_tasks_predictions", "project": project["id"]},

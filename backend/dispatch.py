@@ -1,0 +1,130 @@
+"""Where jobs run: one background thread of the service (no Redis), or rq workers on any machines.
+
+rq layout: a planner job per label job, which enqueues one rq job per chunk of tasks. Chunks carry
+retries, so a chunk whose worker died (SIGKILL, machine restart) is run again by another worker once
+its heartbeat lapses; the store makes that second run skip what the first one finished.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+
+from . import jobs
+from .client import LabelStudioAPI
+from .config import Settings
+from .images import LabelStudio
+from .model import Runtime
+from .retry import Backoff
+from .store import RedisStore
+
+log = logging.getLogger(__name__)
+
+
+def api_from(settings: Settings, url: str = "", token: str = "") -> LabelStudioAPI | None:
+    """The Label Studio API: env settings first, else the connection given (a project's /setup)."""
+    url, token = (settings.label_studio_url, settings.label_studio_api_key) if settings.label_studio_url else (url, token)
+    if not url:
+        return None
+    return LabelStudioAPI(LabelStudio(url, token, timeout=settings.fetch_timeout), Backoff(settings.api_retries))
+
+
+def redis_store(settings: Settings) -> RedisStore:
+    from redis import Redis
+
+    return RedisStore(Redis.from_url(settings.redis_url))
+
+
+class EmbeddedRunner:
+    """Jobs of this service, one at a time, in one daemon thread, in the order they came."""
+
+    def __init__(self, settings: Settings, runtime: Runtime, store):
+        self.settings, self.runtime, self.store = settings, runtime, store
+        self._queue: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, job_id: str, api: LabelStudioAPI) -> None:
+        self._queue.put((job_id, api))
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="sam3-jobs", daemon=True)
+                self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            job_id, api = self._queue.get()
+            jobs.run_all(jobs.Context(self.settings, self.runtime, self.store, api), job_id)
+
+
+# ---- rq ----------------------------------------------------------------------------------------
+_context: jobs.Context | None = None
+
+
+def worker_context() -> jobs.Context:
+    """This worker process's context: the model loads once, on first use (or by `worker`)."""
+    global _context
+    if _context is None:
+        settings = Settings.from_env()
+        _context = jobs.Context(settings, Runtime(settings).load(), redis_store(settings), api_from(settings))
+    return _context
+
+
+def enqueue(settings: Settings, redis, job_id: str) -> None:
+    from rq import Callback, Queue, Retry
+
+    Queue(settings.queue, connection=redis).enqueue(
+        plan_job, job_id, job_id=f"sam3-{job_id}-plan", job_timeout=3600, retry=Retry(max=2),
+        on_failure=Callback(on_failure), description=f"plan label job {job_id}",
+    )
+
+
+def plan_job(job_id: str) -> int:
+    from rq import Callback, Queue, Retry
+    from rq.job import Job
+
+    ctx = worker_context()
+    chunks = jobs.plan(ctx, job_id)
+    q = Queue(ctx.settings.queue, connection=ctx.store.r)
+    for i, chunk in enumerate(chunks):
+        rq_id = f"sam3-{job_id}-{i}"
+        if Job.exists(rq_id, connection=ctx.store.r):
+            continue  # enqueued by an earlier run of this planner
+        q.enqueue(chunk_job, job_id, chunk, job_id=rq_id, job_timeout=max(600, 60 * len(chunk)),
+                  retry=Retry(max=3), on_failure=Callback(on_failure),
+                  description=f"label job {job_id}: chunk {i + 1}/{len(chunks)} ({len(chunk)} tasks)")
+    return len(chunks)
+
+
+def chunk_job(job_id: str, task_ids: list[int]) -> None:
+    ctx = worker_context()
+    ctx.heartbeat()
+    jobs.run_chunk(ctx, job_id, task_ids)
+
+
+def on_failure(job, connection, exc_type, exc_value, tb) -> None:
+    """rq gave up on a planner or chunk (it raised, or its worker died) and will not retry it."""
+    if job.retries_left:
+        log.warning("rq job %s failed (%s); rq will retry it", job.id, exc_type.__name__ if exc_type else "?")
+        return
+    label_job = job.args[0]
+    jobs.fail(RedisStore(connection), label_job, f"{job.description} failed after retries: "
+                                                 f"{exc_type.__name__ if exc_type else ''} {exc_value or ''}".strip())
+
+
+def make_worker(settings: Settings, redis, name: str | None = None):
+    """An rq worker that runs jobs in this process (the model stays loaded; CUDA is never forked)."""
+    from rq import SimpleWorker
+
+    class Worker(SimpleWorker):
+        def get_heartbeat_ttl(self, job, working_time: float = 0.0) -> int:
+            return settings.job_heartbeat  # short: a dead worker's chunk is retried within this
+
+        def beat(self) -> None:
+            job, execution = self.get_current_job(), getattr(self, "execution", None)
+            if job is not None and execution is not None:
+                self.maintain_heartbeats(job, execution)
+
+    worker = Worker([settings.queue], connection=redis, name=name, worker_ttl=max(60, settings.job_heartbeat),
+                    maintenance_interval=max(5, settings.job_heartbeat // 2))
+    return worker

@@ -1,0 +1,212 @@
+"""The shipping files: docker-compose.yml, Dockerfile, .env.example and the README's label configs.
+
+No Docker engine runs in CI, so the container commands are run directly, as the image would run them.
+"""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+from redis import Redis
+
+from backend import cli
+from backend.config import Settings
+from backend.labelconfig import LabelConfig
+from backend.model import Runtime, SAM3Backend
+from conftest import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+EXE = str(Path(sys.executable).with_name("label-studio-sam3"))
+
+
+@pytest.fixture(scope="module")
+def compose():
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def dockerfile_instruction(name: str) -> list[str]:
+    """The JSON (exec) form of a Dockerfile instruction, e.g. ENTRYPOINT or CMD."""
+    text = (ROOT / "Dockerfile").read_text()
+    match = re.search(rf"^{name}\s+(?:--\S+\s+)*(?:CMD\s+)?(\[.*\])\s*$", text, re.M)
+    assert match, f"Dockerfile has no exec-form {name}"
+    return json.loads(match.group(1))
+
+
+def container_argv(command: list[str]) -> list[str]:
+    """The image's entrypoint + a command, with the console script as installed here."""
+    argv = dockerfile_instruction("ENTRYPOINT") + command
+    assert argv[0] == "label-studio-sam3"
+    return [EXE, *argv[1:]]
+
+
+def substitute(value: str) -> str:
+    """Compose's ${VAR:-default} / ${VAR:?message} with nothing set: the default."""
+    return re.sub(r"\$\{\w+(?::-([^}]*)|:\?[^}]*)?\}", lambda m: m.group(1) or "", str(value))
+
+
+def test_compose_services_reference_the_dockerfile_and_each_other(compose):
+    services = compose["services"]
+    assert {"label-studio", "redis", "backend", "worker"} <= set(services)
+    for name in ("backend", "worker"):
+        svc = services[name]
+        assert svc["build"] == "." and (ROOT / "Dockerfile").exists()
+        assert svc["image"] == services["backend"]["image"]  # one image, two commands
+        assert set(svc["depends_on"]) <= set(services)
+        env = svc["environment"]
+        assert env["LABEL_STUDIO_URL"] == "http://label-studio:8080"
+        assert env["REDIS_URL"].startswith("redis://redis:6379")
+        gpu = svc["deploy"]["resources"]["reservations"]["devices"][0]
+        assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
+        for volume in svc["volumes"]:
+            assert volume.split(":")[0] in compose["volumes"]
+        assert any(v.endswith(":/data/huggingface") for v in svc["volumes"])  # weights download once
+    assert services["backend"]["command"] == dockerfile_instruction("CMD") == ["serve"]
+    assert services["worker"]["command"] == ["worker"]
+    assert "ports" not in services["worker"]  # so `--scale worker=N` works
+    assert services["backend"]["ports"] == ["9090:9090"]
+    ls = services["label-studio"]
+    assert ls["image"].startswith("heartexlabs/label-studio:")
+    assert ls["environment"]["USE_DEFAULT_BANNED_SUBNETS"] == "false"
+    assert ls["environment"]["LABEL_STUDIO_USER_TOKEN"] == services["backend"]["environment"]["LABEL_STUDIO_API_KEY"]
+    assert ls["volumes"][0].split(":")[0] in compose["volumes"]
+    for svc in services.values():
+        for dep in svc.get("depends_on", []):
+            assert dep in services
+
+
+def test_every_variable_compose_sets_is_read_by_the_code(compose, monkeypatch):
+    read = set()
+
+    class Recorder(dict):
+        def get(self, key, default=None):
+            read.add(key)
+            return super().get(key, default)
+
+        def __getitem__(self, key):
+            read.add(key)
+            return super().__getitem__(key)
+
+    monkeypatch.setattr(os, "environ", Recorder(os.environ))
+    Settings.from_env()
+    cli.build_parser()
+    from huggingface_hub.utils import get_token
+
+    get_token()  # HF_TOKEN is read by huggingface_hub when the gated weights download
+    for name in ("backend", "worker"):
+        unread = set(compose["services"][name]["environment"]) - read
+        assert not unread, f"{name} sets {sorted(unread)}, which nothing reads"
+
+
+def test_env_example_and_compose_name_the_same_variables(compose):
+    text = (ROOT / "docker-compose.yml").read_text()
+    used = set(re.findall(r"\$\{(\w+)", text))
+    example = {line.split("=", 1)[0] for line in (ROOT / ".env.example").read_text().splitlines()
+               if line and not line.startswith("#")}
+    assert example == used, (sorted(example - used), sorted(used - example))
+    required = set(re.findall(r"\$\{(\w+):\?", text))
+    assert required == {"LABEL_STUDIO_API_KEY", "LABEL_STUDIO_PASSWORD"}
+
+
+def service_env(compose, name, **overrides):
+    env = {k: substitute(v) for k, v in compose["services"][name]["environment"].items()}
+    return {**os.environ, **env, **overrides}
+
+
+def run_until_ready(command, env, log, ready, during=lambda: None, timeout=120) -> str:
+    """Run the container command until `ready()`, call `during()`, stop it with SIGTERM (it must exit 0)."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(container_argv(command), env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + timeout
+        while not ready():
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        during()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0  # a graceful stop
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return log.read_text()
+
+
+def assert_serving(url, last_check):
+    assert last_check.stdout.startswith("ready:")
+    assert requests.get(url + "/health").status_code == 401  # Basic auth from the environment
+    assert requests.get(url + "/jobs", auth=("ls", "secret")).json()["total"] >= 0  # jobs go to Redis
+
+
+def test_the_images_serve_command_and_healthcheck_work(compose, checkpoint, tmp_path):
+    port = free_port()
+    env = service_env(compose, "backend", SAM3_MODEL=checkpoint, DEVICE="cpu", PORT=str(port),
+                      LABEL_STUDIO_URL=f"http://127.0.0.1:{free_port()}", LABEL_STUDIO_API_KEY="x" * 40,
+                      REDIS_URL=REDIS_URL, BASIC_AUTH_USER="ls", BASIC_AUTH_PASS="secret")
+    health = dockerfile_instruction("HEALTHCHECK")
+    assert health == ["label-studio-sam3", "health"]
+    url = f"http://127.0.0.1:{port}"
+    checks = []
+
+    def healthy():
+        checks.append(subprocess.run(container_argv(health[1:]), env=env, capture_output=True, text=True))
+        return checks[-1].returncode == 0
+
+    log = run_until_ready(compose["services"]["backend"]["command"], env, tmp_path / "serve.log", healthy,
+                          during=lambda: assert_serving(url, checks[-1]))
+    assert "Using worker: gthread" in log
+    assert log.count("Booting worker") == 1  # one process holds the model
+
+
+def test_the_images_worker_command_starts_an_rq_worker(compose, checkpoint, tmp_path):
+    from rq import Worker
+
+    redis = Redis.from_url(REDIS_URL)
+    redis.ping()
+    queue = f"deploy-{os.getpid()}"
+    env = service_env(compose, "worker", SAM3_MODEL=checkpoint, DEVICE="cpu", REDIS_URL=REDIS_URL, SAM3_QUEUE=queue,
+                      LABEL_STUDIO_URL=f"http://127.0.0.1:{free_port()}", LABEL_STUDIO_API_KEY="x" * 40)
+    log = run_until_ready(compose["services"]["worker"]["command"], env, tmp_path / "worker.log",
+                          lambda: any(queue in w.queue_names() for w in Worker.all(connection=redis)))
+    assert "loaded" in log  # the model loaded before the worker took jobs
+
+
+def test_the_worker_refuses_to_start_without_redis_or_label_studio(checkpoint):
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "LABEL_STUDIO_URL")}
+    run = subprocess.run([EXE, "worker"], env={**env, "SAM3_MODEL": checkpoint}, capture_output=True, text=True)
+    assert run.returncode == 2 and "REDIS_URL" in run.stderr
+    run = subprocess.run([EXE, "worker"], env={**env, "SAM3_MODEL": checkpoint, "REDIS_URL": REDIS_URL},
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and "LABEL_STUDIO_URL" in run.stderr
+
+
+def test_serving_options_suit_one_gpu():
+    args = cli.build_parser().parse_args(["serve"])
+    opts = cli.gunicorn_options(args, Settings())
+    assert opts["workers"] == 1 and opts["preload_app"] is False  # one process; CUDA never forked
+    assert opts["worker_class"] == "gthread" and opts["threads"] >= 4
+    assert opts["timeout"] >= 600 and opts["graceful_timeout"] >= 60
+
+
+def readme_configs() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    return re.findall(r"```xml\n(.*?)```", text, re.S)
+
+
+def test_readme_label_configs_are_valid_for_the_backend(checkpoint):
+    configs = readme_configs()
+    assert len(configs) >= 3
+    settings = Settings(model=checkpoint, device="cpu")
+    runtime = Runtime(settings)
+    for xml in configs:
+        config = LabelConfig.parse(xml)  # the code that serves them
+        assert config.outputs and config.labels
+        backend = SAM3Backend(label_config=xml, settings=settings, runtime=runtime)
+        assert backend.ontology

@@ -1,0 +1,391 @@
+"""Bulk label jobs against a real Label Studio and a real Redis, with real rq worker processes."""
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import requests
+from redis import Redis
+
+from backend.config import Settings
+from backend.protocol import create_app
+from conftest import make_image, png_bytes
+from faultproxy import FaultProxy
+
+pytestmark = pytest.mark.e2e
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+JOB_CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <PolygonLabels name="poly" toName="image"><Label value="cat"/><Label value="dog"/></PolygonLabels>
+</View>"""
+# The tiny random model scores every instance ~0.25: a zero threshold gives every task regions.
+THRESHOLDS = {"confidence": 0.0, "max_detections": 2}
+
+
+# ---- Label Studio helpers ------------------------------------------------------------------------
+def make_project(ls, n=20, config=JOB_CONFIG):
+    url, headers, _ = ls
+    r = requests.post(f"{url}/api/projects", headers=headers, json={"title": f"jobs {uuid.uuid4().hex[:6]}",
+                                                                    "label_config": config})
+    assert r.status_code == 201, r.text
+    pid = r.json()["id"]
+    for i in range(n):
+        r = requests.post(f"{url}/api/projects/{pid}/import", headers=headers,
+                          files={"file": (f"img{i}.png", png_bytes(make_image(seed=100 + i)), "image/png")})
+        assert r.status_code == 201, r.text
+    tasks = requests.get(f"{url}/api/tasks", params={"project": pid, "page_size": 1000}, headers=headers).json()["tasks"]
+    assert len(tasks) == n
+    return pid, sorted(t["id"] for t in tasks)
+
+
+def predictions_by_task(ls, task_ids) -> dict[int, list[dict]]:
+    url, headers, _ = ls
+    return {t: requests.get(f"{url}/api/predictions", params={"task": t}, headers=headers).json() for t in task_ids}
+
+
+def versions(preds: list[dict], mv: str) -> list[dict]:
+    return [p for p in preds if p["model_version"] == mv]
+
+
+# ---- the service and the workers -----------------------------------------------------------------
+def service(engine, checkpoint, ls_url, token, **extra):
+    settings = Settings(model=checkpoint, device="cpu", label_studio_url=ls_url, label_studio_api_key=token, **extra)
+    return create_app(settings, engine=engine).test_client()
+
+
+def rq_job(ls, engine, checkpoint, workers, pid, **body):
+    """The service (in this process, jobs to Redis) and a job it queued for `workers`."""
+    client = service(engine, checkpoint, ls[0], ls[2], redis_url=REDIS_URL, queue=workers.env["SAM3_QUEUE"])
+    r = client.post("/jobs", json={"project": pid, "thresholds": THRESHOLDS, **body})
+    assert r.status_code == 202, r.get_json()
+    return client, r.get_json()["job_id"]
+
+
+def wait_job(client, job_id, until=lambda j: j["status"] not in ("queued", "running"), timeout=180):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = client.get(f"/jobs/{job_id}").get_json()
+        if until(job):
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} did not get there in {timeout}s: {job}")
+
+
+class Workers:
+    """`label-studio-sam3 worker` processes, exactly as operators start them."""
+
+    def __init__(self, tmp_path, checkpoint, ls_url, token, queue, **env):
+        self.procs, self.logs = {}, {}
+        self.env = dict(os.environ, SAM3_MODEL=checkpoint, DEVICE="cpu", REDIS_URL=REDIS_URL, SAM3_QUEUE=queue,
+                        LABEL_STUDIO_URL=ls_url, LABEL_STUDIO_API_KEY=token, SAM3_JOB_HEARTBEAT="3",
+                        LOG_LEVEL="INFO", **env)
+        self.tmp_path = tmp_path
+        self.exe = str(Path(sys.executable).with_name("label-studio-sam3"))
+
+    def start(self, name):
+        log = self.tmp_path / f"{name}.log"
+        self.logs[name] = log
+        with open(log, "wb") as out:
+            self.procs[name] = subprocess.Popen([self.exe, "worker", "--name", name], stdout=out,
+                                                stderr=subprocess.STDOUT, env=self.env)
+
+    def terminate(self, name):
+        self.procs[name].terminate()
+        self.procs[name].wait(60)
+
+    def kill(self, name):
+        self.procs[name].send_signal(signal.SIGKILL)
+        self.procs[name].wait(10)
+
+    def stop(self):
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    def log(self, name):
+        return self.logs[name].read_text()[-4000:]
+
+
+@pytest.fixture
+def redis_db():
+    r = Redis.from_url(REDIS_URL)
+    r.ping()  # Redis is part of the test environment (.ci/run starts it): no skip
+    r.flushdb()
+    yield r
+    r.flushdb()
+
+
+@pytest.fixture
+def workers(tmp_path, checkpoint, label_studio):
+    made = []
+
+    def make(ls_url, **env):
+        w = Workers(tmp_path, checkpoint, ls_url, label_studio[2], f"q-{uuid.uuid4().hex[:8]}", **env)
+        made.append(w)
+        return w
+
+    yield make
+    for w in made:
+        w.stop()
+
+
+def assert_exactly_one(ls, task_ids, mv, skip=()):
+    preds = predictions_by_task(ls, task_ids)
+    for t in task_ids:
+        expected = 0 if t in skip else 1
+        assert len(versions(preds[t], mv)) == expected, (t, preds[t])
+    return preds
+
+
+# ---- embedded runner (no Redis) ------------------------------------------------------------------
+def test_job_labels_a_project_once_skips_reruns_and_overwrite_replaces(label_studio, engine, checkpoint):
+    url, headers, token = label_studio
+    pid, task_ids = make_project(label_studio)
+    annotated, foreign = task_ids[0], task_ids[1]
+    r = requests.post(f"{url}/api/tasks/{annotated}/annotations", headers=headers, json={"result": []})
+    assert r.status_code == 201, r.text
+    r = requests.post(f"{url}/api/predictions", headers=headers,
+                      json={"task": foreign, "result": [], "score": 0.1, "model_version": "someone-else"})
+    assert r.status_code == 201, r.text
+    client = service(engine, checkpoint, url, token)
+
+    r = client.post("/jobs", json={"project": pid, "thresholds": THRESHOLDS})
+    assert r.status_code == 202, r.get_json()
+    first = r.get_json()
+    assert first["status"] == "queued"
+    job = wait_job(client, first["job_id"])
+    mv = job["model_version"]
+    assert job["status"] == "succeeded", job
+    assert (job["total"], job["processed"], job["predicted"], job["skipped"], job["failed"]) == (20, 20, 19, 1, 0)
+    preds = assert_exactly_one(label_studio, task_ids, mv, skip={annotated})
+    regions = sum(len(p["result"]) for ps in preds.values() for p in versions(ps, mv))
+    assert job["regions_added"] == regions > 0
+    for ps in preds.values():
+        for p in versions(ps, mv):
+            assert all(reg["value"]["polygonlabels"][0] in ("cat", "dog") for reg in p["result"])
+            assert 0 < p["score"] <= 1
+    assert job["started_at"] and job["finished_at"] and job["tasks_per_second"] > 0
+
+    again = wait_job(client, client.post("/jobs", json={"project": pid, "thresholds": THRESHOLDS}).get_json()["job_id"])
+    assert again["model_version"] == mv
+    assert (again["status"], again["predicted"], again["skipped"], again["regions_added"]) == ("succeeded", 0, 20, 0)
+    assert_exactly_one(label_studio, task_ids, mv, skip={annotated})
+
+    over = client.post("/jobs", json={"project": pid, "thresholds": THRESHOLDS, "overwrite": True}).get_json()
+    over = wait_job(client, over["job_id"])
+    assert (over["status"], over["predicted"], over["skipped"]) == ("succeeded", 19, 1)
+    after = assert_exactly_one(label_studio, task_ids, mv, skip={annotated})
+    old_ids = {p["id"] for ps in preds.values() for p in versions(ps, mv)}
+    new_ids = {p["id"] for ps in after.values() for p in versions(ps, mv)}
+    assert not old_ids & new_ids  # replaced, not kept
+    assert [p["model_version"] for p in after[foreign] if p["model_version"] != mv] == ["someone-else"]
+    ann = requests.get(f"{url}/api/tasks/{annotated}/annotations", headers=headers).json()
+    assert len(ann) == 1  # human work untouched
+
+    listed = client.get("/jobs").get_json()
+    assert [j["id"] for j in listed["jobs"]][:3] == [over["id"], again["id"], job["id"]]  # newest first
+    assert client.get("/jobs?status=failed").get_json()["total"] == 0
+
+
+def test_dry_run_returns_predictions_and_posts_nothing(label_studio, engine, checkpoint):
+    url, _, token = label_studio
+    pid, task_ids = make_project(label_studio, n=4)
+    client = service(engine, checkpoint, url, token)
+    r = client.post("/jobs", json={"project": pid, "thresholds": THRESHOLDS, "dry_run": True, "limit": 3})
+    job = wait_job(client, r.get_json()["job_id"])
+    assert (job["status"], job["total"], job["predicted"]) == ("succeeded", 3, 3)
+    assert [p["task"] for p in job["predictions"]] == task_ids[:3]
+    assert all(p["result"] and p["model_version"] == job["model_version"] for p in job["predictions"])
+    assert all(ps == [] for ps in predictions_by_task(label_studio, task_ids).values())
+
+
+def test_bad_job_requests_are_refused_before_anything_is_queued(label_studio, engine, checkpoint):
+    url, _, token = label_studio
+    pid, _ = make_project(label_studio, n=1)
+    text_pid, _ = make_project(label_studio, n=0, config='<View><Text name="t" value="$text"/>'
+                                                           '<Choices name="c" toName="t"><Choice value="a"/></Choices></View>')
+    client = service(engine, checkpoint, url, token)
+    cases = [
+        ({"project": pid, "ontology": {"a lion": "lion"}}, 400, "lion"),
+        ({"project": 999999}, 404, "project 999999 not found"),
+        ({"project": "abc"}, 400, "'project'"),
+        ({"project": pid, "limit": 0}, 400, "'limit'"),
+        ({"project": pid, "tasks": "all"}, 400, "'tasks'"),
+        ({"project": pid, "thresholds": {"confidence": 2}}, 400, "between 0 and 1"),
+        ({"project": pid, "overwrite": "maybe"}, 400, "overwrite"),
+        ({"project": pid, "colour": "red"}, 400, "colour"),
+        ({"project": text_pid}, 400, "Image"),
+    ]
+    for body, status, words in cases:
+        r = client.post("/jobs", json=body)
+        assert r.status_code == status, (body, r.get_json())
+        assert words in r.get_json()["error"], (body, r.get_json())
+    assert client.post("/jobs", data="not json", content_type="application/json").status_code == 400
+    assert client.get("/jobs").get_json()["total"] == 0  # nothing was queued
+    assert client.get("/jobs/nope").status_code == 404
+    assert client.delete("/jobs/nope").status_code == 404
+    assert client.get("/jobs?status=done").status_code == 400
+    assert client.get("/jobs?limit=x").status_code == 400
+    job = wait_job(client, client.post("/jobs", json={"project": pid, "dry_run": True}).get_json()["job_id"])
+    r = client.delete(f"/jobs/{job['id']}")
+    assert r.status_code == 409 and "succeeded" in r.get_json()["error"]
+
+
+def test_unknown_task_ids_are_reported_as_failed(label_studio, engine, checkpoint):
+    url, _, token = label_studio
+    pid, task_ids = make_project(label_studio, n=2)
+    client = service(engine, checkpoint, url, token)
+    r = client.post("/jobs", json={"project": pid, "thresholds": THRESHOLDS, "tasks": [task_ids[1], 987654]})
+    job = wait_job(client, r.get_json()["job_id"])
+    assert (job["status"], job["total"], job["predicted"], job["failed"]) == ("succeeded", 2, 1, 1)
+    assert job["errors"][0]["task"] == 987654 and "not in project" in job["errors"][0]["error"]
+    assert_exactly_one(label_studio, task_ids, job["model_version"], skip={task_ids[0]})
+
+
+# ---- rq workers ----------------------------------------------------------------------------------
+def test_cancel_stops_the_worker_after_the_task_in_hand(label_studio, engine, checkpoint, redis_db, workers):
+    url = label_studio[0]
+    pid, task_ids = make_project(label_studio)
+    with FaultProxy(url, delay=0.15) as proxy:
+        w = workers(proxy.url, SAM3_POST_BATCH="1")
+        w.start("w1")
+        client, job_id = rq_job(label_studio, engine, checkpoint, w, pid, chunk_size=5)
+        wait_job(client, job_id, until=lambda j: j["processed"] >= 3, timeout=120)
+        r = client.delete(f"/jobs/{job_id}")
+        assert r.status_code == 202 and r.get_json()["status"] == "cancelled"
+        job = _settled(client, job_id)
+    assert job["status"] == "cancelled"
+    assert 3 <= job["processed"] < 20, job
+    preds = predictions_by_task(label_studio, task_ids)
+    posted = [t for t in task_ids if versions(preds[t], job["model_version"])]
+    assert all(len(versions(preds[t], job["model_version"])) == 1 for t in posted)
+    assert len(posted) == job["predicted"]  # every post is counted; nothing half-posted
+
+    # run it again: the rest is labelled, nothing twice
+    w.terminate("w1")
+    job2 = client.post("/jobs", json={"project": pid, "thresholds": THRESHOLDS, "chunk_size": 5}).get_json()
+    w.env["LABEL_STUDIO_URL"] = url
+    w.start("w2")
+    job2 = wait_job(client, job2["job_id"])
+    assert (job2["status"], job2["predicted"], job2["skipped"]) == ("succeeded", 20 - len(posted), len(posted)), (job2, w.log("w1"), w.log("w2"))
+    assert_exactly_one(label_studio, task_ids, job["model_version"])
+
+
+def _wait_workers(redis, n, timeout=120):
+    from rq import Worker
+
+    deadline = time.time() + timeout
+    while len(Worker.all(connection=redis)) < n:
+        assert time.time() < deadline, "workers did not start"
+        time.sleep(0.5)
+
+
+def _settled(client, job_id, quiet=2.0, timeout=60):
+    """The job once its counters stop moving (the worker finished the task in hand)."""
+    last, since, deadline = None, time.time(), time.time() + timeout
+    while time.time() < deadline:
+        job = client.get(f"/jobs/{job_id}").get_json()
+        key = (job["processed"], job["predicted"])
+        if key != last:
+            last, since = key, time.time()
+        elif time.time() - since > quiet:
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} kept moving")
+
+
+def test_killed_worker_is_replaced_and_every_task_gets_exactly_one(label_studio, engine, checkpoint, redis_db,
+                                                                    workers):
+    url = label_studio[0]
+    pid, task_ids = make_project(label_studio)
+    with FaultProxy(url, delay=0.1) as proxy:
+        w = workers(proxy.url, SAM3_POST_BATCH="2")
+        w.start("doomed")
+        client, job_id = rq_job(label_studio, engine, checkpoint, w, pid, chunk_size=5)
+        wait_job(client, job_id, until=lambda j: j["processed"] >= 4, timeout=120)
+        w.kill("doomed")
+        killed_at = client.get(f"/jobs/{job_id}").get_json()
+        assert killed_at["status"] == "running" and killed_at["processed"] < 20
+        time.sleep(4)  # past its heartbeat: its chunk is abandoned
+        w.start("rescuer")
+        job = wait_job(client, job_id, timeout=180)
+    assert job["status"] == "succeeded", (job, w.log("rescuer"))
+    assert job["processed"] == 20 and job["failed"] == 0
+    assert job["predicted"] + job["skipped"] == 20  # a task posted just before the kill is found, not reposted
+    assert job["workers"].get("rescuer", 0) > 0
+    assert_exactly_one(label_studio, task_ids, job["model_version"])
+
+
+def test_faults_between_worker_and_label_studio_lose_and_duplicate_nothing(label_studio, engine, checkpoint,
+                                                                           redis_db, workers):
+    url = label_studio[0]
+    pid, task_ids = make_project(label_studio)
+    # 1 request in 4 fails; the first bulk imports are stored and then reported as failed or dropped.
+    script = {"/import/predictions": ["drop-after", "500-after", "429", "drop-before"]}
+    with FaultProxy(url, every=4, script=script) as proxy:
+        w = workers(proxy.url, SAM3_POST_BATCH="4", SAM3_API_RETRIES="8")
+        w.start("w1")
+        client, job_id = rq_job(label_studio, engine, checkpoint, w, pid, chunk_size=10)
+        job = wait_job(client, job_id)
+        faults = dict(proxy.faults)
+    assert job["status"] == "succeeded", (job, w.log("w1"))
+    assert (job["processed"], job["predicted"], job["failed"]) == (20, 20, 0), job
+    assert_exactly_one(label_studio, task_ids, job["model_version"])
+    kinds = {k for (k, method, path) in faults}
+    assert kinds == {"429", "500-after", "drop-before", "drop-after"}, faults
+    assert sum(n for (k, method, path), n in faults.items() if path.endswith("/import") and k.endswith("after")) >= 2
+    assert sum(faults.values()) >= 10
+
+
+def test_two_workers_share_one_job_and_never_post_a_task_twice(label_studio, engine, checkpoint, redis_db, workers):
+    url = label_studio[0]
+    pid, task_ids = make_project(label_studio)
+    with FaultProxy(url, delay=0.05) as proxy:
+        w = workers(proxy.url, SAM3_POST_BATCH="2")
+        w.start("a")
+        w.start("b")
+        _wait_workers(redis_db, 2)  # both hold the model before the chunks arrive
+        client, job_id = rq_job(label_studio, engine, checkpoint, w, pid, chunk_size=2)
+        job = wait_job(client, job_id)
+    assert job["status"] == "succeeded", job
+    assert job["predicted"] == 20 and sum(job["workers"].values()) == 20
+    assert set(job["workers"]) == {"a", "b"} and min(job["workers"].values()) >= 2, job["workers"]
+    assert_exactly_one(label_studio, task_ids, job["model_version"])
+
+
+# ---- command line --------------------------------------------------------------------------------
+def test_label_command_runs_a_job_here_or_queues_it(label_studio, checkpoint, redis_db, tmp_path):
+    url, _, token = label_studio
+    pid, task_ids = make_project(label_studio, n=3)
+    exe = str(Path(sys.executable).with_name("label-studio-sam3"))
+    env = dict(os.environ, SAM3_MODEL=checkpoint, DEVICE="cpu", LABEL_STUDIO_URL=url, LABEL_STUDIO_API_KEY=token,
+               REDIS_URL=REDIS_URL, SAM3_QUEUE="cli-test", LOG_LEVEL="WARNING")
+    run = subprocess.run([exe, "label", "--project", str(pid), "--limit", "2", "--prompt", "cat", "--threshold", "0"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "succeeded: 2 tasks, 2 predicted" in run.stderr and "tasks/s" in run.stderr
+    preds = predictions_by_task(label_studio, task_ids)
+    assert [len(preds[t]) for t in task_ids] == [1, 1, 0]
+    assert all(r["value"]["polygonlabels"] == ["cat"] for t in task_ids[:2] for r in preds[t][0]["result"])
+
+    bad = subprocess.run([exe, "label", "--project", str(pid), "--prompt", "lion"], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and "lion" in bad.stderr
+
+    queued = subprocess.run([exe, "label", "--project", str(pid), "--queue"], env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert queued.returncode == 0, queued.stderr
+    job_id = queued.stdout.strip()
+    shown = subprocess.run([exe, "jobs", job_id, "--json"], env=env, capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0 and f'"id": "{job_id}"' in shown.stdout and '"status": "queued"' in shown.stdout
+    listed = subprocess.run([exe, "jobs"], env=env, capture_output=True, text=True, timeout=60)
+    assert listed.stdout.startswith(job_id) and "queued" in listed.stdout

@@ -1,0 +1,115 @@
+"""Job stores: the same behaviour in memory and in a real Redis."""
+import os
+import time
+
+import pytest
+from redis import Redis
+
+from backend.retry import Backoff, Transient, retry_after, with_retries
+from backend.store import MemoryStore, RedisStore
+
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store(request):
+    if request.param == "memory":
+        yield MemoryStore()
+        return
+    r = Redis.from_url(REDIS_URL)
+    r.ping()  # Redis is part of the test environment: no skip
+    r.flushdb()
+    yield RedisStore(r, ttl=60)
+    r.flushdb()
+
+
+def new(store, job_id, created, status="queued"):
+    store.create(job_id, {"id": job_id, "status": status, "project": 1, "created_at": created,
+                          "request": {"tasks": None, "overwrite": False}})
+
+
+def test_finish_counts_each_task_once_across_retries(store):
+    new(store, "j1", 1.0)
+    assert store.finish("j1", "predicted", {1: 3, 2: 0}, "w1") == 2
+    assert store.finish("j1", "predicted", {2: 5, 3: 1}, "w2") == 1  # task 2 already finished: not again
+    assert store.finish("j1", "failed", {1: 0}, "w2") == 0
+    job = store.get("j1")
+    assert (job["processed"], job["predicted"], job["failed"], job["regions_added"]) == (3, 3, 0, 4)
+    assert job["workers"] == {"w1": 2, "w2": 1}
+    assert store.done("j1") == {1, 2, 3}
+    assert job["request"] == {"tasks": None, "overwrite": False}  # fields keep their types
+
+
+def test_transition_never_overwrites_a_cancel(store):
+    new(store, "j1", 1.0, status="running")
+    assert store.transition("j1", ("queued", "running"), status="cancelled", cancelled_at=5.0)
+    assert not store.transition("j1", ("running",), status="succeeded")
+    assert store.get("j1")["status"] == store.status("j1") == "cancelled"
+    assert not store.transition("missing", ("running",), status="failed")
+    assert store.status("missing") is None
+
+
+def test_list_is_newest_first_filtered_and_paginated(store):
+    for i, status in enumerate(["succeeded", "running", "failed", "running"]):
+        new(store, f"j{i}", 100.0 + i, status=status)
+    jobs, total = store.list()
+    assert total == 4 and [j["id"] for j in jobs] == ["j3", "j2", "j1", "j0"]
+    jobs, total = store.list("running", 0, 1)
+    assert total == 2 and [j["id"] for j in jobs] == ["j3"]
+    assert [j["id"] for j in store.list("running", 1, 5)[0]] == ["j1"]
+
+
+def test_errors_keep_the_latest_twenty_and_chunks_round_trip(store):
+    new(store, "j1", 1.0)
+    for i in range(25):
+        store.add_error("j1", i, f"boom {i}")
+    errors = store.get("j1")["errors"]
+    assert len(errors) == 20 and errors[0] == {"task": 24, "error": "boom 24", "at": errors[0]["at"]}
+    assert store.chunks("j1") is None
+    store.set_chunks("j1", [[1, 2], [3]])
+    assert store.chunks("j1") == [[1, 2], [3]]
+    store.incr("j1", "chunks_done")
+    store.set("j1", total=3, chunks_total=2)
+    assert (store.get("j1")["total"], store.get("j1")["chunks_done"]) == (3, 1)
+
+
+def test_redis_jobs_expire_after_they_end():
+    r = Redis.from_url(REDIS_URL)
+    r.flushdb()
+    s = RedisStore(r, ttl=1)
+    new(s, "j1", 1.0, status="running")
+    s.finish("j1", "predicted", {1: 1})
+    assert r.ttl("sam3:job:j1") == -1  # running jobs never expire
+    s.transition("j1", ("running",), status="succeeded")
+    assert 0 < r.ttl("sam3:job:j1") <= 1 and 0 < r.ttl("sam3:job:j1:done") <= 1
+    time.sleep(1.2)
+    assert s.get("j1") is None and s.list() == ([], 0)
+    r.flushdb()
+
+
+def test_retries_honour_retry_after_and_give_up_with_the_last_error(monkeypatch):
+    slept = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    calls = iter([Transient("429", after=2.0), Transient("drop"), "ok"])
+
+    def call():
+        item = next(calls)
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    assert with_retries(call, Backoff(attempts=3, base=0.5), "x") == "ok"
+    assert slept[0] == 2.0 and 0.5 <= slept[1] <= 1.0  # second retry: 2 x base, with jitter
+    with pytest.raises(Transient, match="always"):
+        with_retries(lambda: (_ for _ in ()).throw(Transient("always")), Backoff(attempts=2, base=0.01), "x")
+
+
+def test_retry_after_reads_seconds_and_http_dates():
+    class R:
+        def __init__(self, value):
+            self.headers = {"Retry-After": value} if value else {}
+
+    assert retry_after(R("3")) == 3.0
+    assert retry_after(R(None)) is None
+    future = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 30))
+    assert 25 <= retry_after(R(future)) <= 31
