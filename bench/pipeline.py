@@ -87,7 +87,7 @@ def main() -> None:
     f0 = forward_seconds()
     t0 = time.perf_counter()
     serialise, regions = 0.0, 0
-    for _task, _image, dets, error in labeler.run(tasks, model._load_task_image):
+    for _task, _image, dets, error in labeler.run(tasks, model.load_task_image):
         assert error is None, error
         t1 = time.perf_counter()
         pred = model.prediction_for(dets)
