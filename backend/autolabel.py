@@ -146,6 +146,8 @@ class Stages:
     encode: float = 0.0
     decode: float = 0.0
     post: float = 0.0
+    regions: float = 0.0  # masks -> Label Studio regions (jobs)
+    upload: float = 0.0  # posting predictions to Label Studio (jobs)
     images: int = 0
 
     def add(self, name: str, seconds: float) -> None:

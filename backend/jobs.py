@@ -17,6 +17,8 @@ import os
 import socket
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Callable
@@ -26,6 +28,7 @@ from .config import Settings, parse_bool
 from .errors import BackendError
 from .model import Runtime, SAM3Backend, model_version
 from .retry import Backoff, Transient
+from .autolabel import Stages
 from .store import ACTIVE, STATUSES
 
 log = logging.getLogger(__name__)
@@ -218,12 +221,14 @@ def plan(ctx: Context, job_id: str) -> list[list[int]]:
 
 
 # ---- running a chunk -----------------------------------------------------------------------------
-def run_chunk(ctx: Context, job_id: str, task_ids: list[int]) -> None:
-    """Label the chunk's tasks and post their predictions; stops early when the job is cancelled."""
+def run_chunk(ctx: Context, job_id: str, task_ids: list[int]) -> Stages | None:
+    """Label the chunk's tasks and post their predictions; stops early when the job is cancelled.
+
+    Returns the seconds spent per stage (None when there was nothing to do)."""
     store = ctx.store
     job = store.get(job_id)
     if job is None or job["status"] not in ACTIVE:
-        return  # cancelled or failed while this chunk waited
+        return None  # cancelled or failed while this chunk waited
     api = ctx.require_api()
     backend = ctx._backends.get(job_id)
     if backend is None:
@@ -232,7 +237,7 @@ def run_chunk(ctx: Context, job_id: str, task_ids: list[int]) -> None:
     if backend.model_version != job["model_version"]:
         fail(store, job_id, f"worker {ctx.worker} has checkpoint {ctx.settings.model!r} "
                             f"(model_version {backend.model_version}); the job needs {job['model_version']}")
-        return
+        return None
     req, mv = job["request"], job["model_version"]
     own_prefix = model_version(ctx.settings, ctx.runtime.fingerprint)
     done = store.done(job_id)
@@ -250,46 +255,52 @@ def run_chunk(ctx: Context, job_id: str, task_ids: list[int]) -> None:
 
     pending: dict[int, dict] = {}
     cancelled = False
+    # Posting runs on its own thread, one batch at a time and in order, while the model labels the next
+    # tasks; "upload" counts only the time the model waited for it.
+    poster = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sam3-post")
+    in_flight: list[Future] = []
 
-    def flush():
-        if not pending:
-            return
-        if req["dry_run"]:
-            results = store.get(job_id).get("predictions") or []
-            store.set(job_id, predictions=results + [{"task": t, **p} for t, p in pending.items()])
-            store.finish(job_id, "predicted", {t: len(p["result"]) for t, p in pending.items()}, ctx.worker)
-        else:
-            if req["overwrite"]:
-                _delete_own(api, [fetched[t] for t in pending], mv, own_prefix)
-            posted, failed = post_predictions(api, job["project"], mv, pending, Backoff(ctx.settings.api_retries))
-            store.finish(job_id, "predicted", posted, ctx.worker)
-            for tid, message in failed.items():
-                store.add_error(job_id, tid, message)
-            store.finish(job_id, "failed", {t: 0 for t in failed}, ctx.worker)
-        pending.clear()
+    def flush(wait: bool = False) -> None:
+        t0 = time.perf_counter()
+        if in_flight:
+            _wait(in_flight.pop(), ctx)  # its errors surface here
+        if pending:
+            batch = dict(pending)
+            pending.clear()
+            in_flight.append(poster.submit(_save, ctx, job, {t: fetched[t] for t in batch}, batch, own_prefix))
+        if wait and in_flight:
+            _wait(in_flight.pop(), ctx)
+        labeler.stages.add("upload", time.perf_counter() - t0)
 
     labeler = backend.auto_labeler(ctx.runtime.wait(timeout=600))
-    for task_id, _, dets, error in labeler.run(todo, load):
-        ctx.heartbeat()
-        if isinstance(error, Skip):
-            store.finish(job_id, "skipped", {task_id: 0}, ctx.worker)
-        elif error is not None:
-            store.add_error(job_id, task_id, getattr(error, "message", None) or f"{type(error).__name__}: {error}")
-            log.warning("job %s: task %s failed: %s", job_id, task_id, error)
-            store.finish(job_id, "failed", {task_id: 0}, ctx.worker)
-        else:
-            pending[task_id] = backend.prediction_for(dets)
-        if len(pending) >= ctx.settings.post_batch:
-            flush()
-        if store.status(job_id) not in ACTIVE:
-            cancelled = True  # the task in hand is finished: post it, then stop
-            break
-    flush()
+    try:
+        for task_id, _, dets, error in labeler.run(todo, load):
+            ctx.heartbeat()
+            if isinstance(error, Skip):
+                store.finish(job_id, "skipped", {task_id: 0}, ctx.worker)
+            elif error is not None:
+                store.add_error(job_id, task_id, getattr(error, "message", None) or f"{type(error).__name__}: {error}")
+                log.warning("job %s: task %s failed: %s", job_id, task_id, error)
+                store.finish(job_id, "failed", {task_id: 0}, ctx.worker)
+            else:
+                t0 = time.perf_counter()
+                pending[task_id] = backend.prediction_for(dets)
+                labeler.stages.add("regions", time.perf_counter() - t0)
+            if len(pending) >= ctx.settings.post_batch:
+                flush()
+            if store.status(job_id) not in ACTIVE:
+                cancelled = True  # the task in hand is finished: post it, then stop
+                break
+        flush(wait=True)
+    finally:
+        poster.shutdown(wait=True)  # a post in flight completes: nothing is left half-done
+    log.info("job %s: chunk of %d tasks, seconds per stage: %s", job_id, len(todo), labeler.stages)
     if cancelled:
         log.info("job %s: chunk stopped, the job was cancelled", job_id)
-        return
+        return labeler.stages
     if store.incr(job_id, "chunks_done") >= store.get(job_id)["chunks_total"]:
         _finish(store, job_id)
+    return labeler.stages
 
 
 def _finish(store, job_id: str) -> None:
@@ -300,6 +311,33 @@ def _finish(store, job_id: str) -> None:
     if store.transition(job_id, ("running",), status=status, finished_at=_now(), **fields):
         log.info("job %s %s: %s", job_id, status,
                  {k: job[k] for k in ("total", "predicted", "skipped", "failed", "regions_added")})
+
+
+def _save(ctx: Context, job: dict, tasks: dict[int, dict], predictions: dict[int, dict], own_prefix: str) -> None:
+    """Post a batch of predictions (or keep them, for a dry run) and record each task's outcome."""
+    store, job_id, req, mv = ctx.store, job["id"], job["request"], job["model_version"]
+    if req["dry_run"]:
+        results = store.get(job_id).get("predictions") or []
+        store.set(job_id, predictions=results + [{"task": t, **p} for t, p in predictions.items()])
+        store.finish(job_id, "predicted", {t: len(p["result"]) for t, p in predictions.items()}, ctx.worker)
+        return
+    api = ctx.require_api()
+    if req["overwrite"]:
+        _delete_own(api, list(tasks.values()), mv, own_prefix)
+    posted, failed = post_predictions(api, job["project"], mv, predictions, Backoff(ctx.settings.api_retries))
+    store.finish(job_id, "predicted", posted, ctx.worker)
+    for tid, message in failed.items():
+        store.add_error(job_id, tid, message)
+    store.finish(job_id, "failed", {t: 0 for t in failed}, ctx.worker)
+
+
+def _wait(future: Future, ctx: Context) -> None:
+    """The post's result, telling rq this worker is alive while Label Studio takes its time."""
+    while True:
+        try:
+            return future.result(timeout=10)
+        except FutureTimeout:
+            ctx.heartbeat()
 
 
 def run_all(ctx: Context, job_id: str) -> None:
