@@ -25,7 +25,7 @@ USER app
 VOLUME ["/data/huggingface"]
 EXPOSE 9090
 
-# Healthy once the model is loaded; the first start may download about 3.5 GB of weights.
+# Healthy once the model is loaded; the first start downloads the weights (~3.3 GB in fp32).
 HEALTHCHECK --interval=30s --timeout=10s --start-period=30m --retries=3 CMD ["label-studio-sam3", "health"]
 
 ENTRYPOINT ["label-studio-sam3"]

@@ -33,15 +33,11 @@ class LabelStudioAPI:
     def once(self, method: str, path: str, **kw) -> requests.Response:
         """One request; Transient on 429/5xx/connection errors, BackendError on other refusals."""
         url = f"{self.ls.url}{path}"
+        headers = self.ls.auth_header()  # a failed token refresh raises Transient or BackendError itself
         try:
-            headers = self.ls.auth_header()
             resp = self.session.request(method, url, headers=headers, timeout=self.timeout, **kw)
         except requests.RequestException as e:
             raise Transient(f"{method} {path}: {type(e).__name__}") from None
-        except BackendError as e:  # the token refresh itself failed
-            if e.status >= 500 or "could not reach" in e.message:
-                raise Transient(e.message) from None
-            raise
         if resp.status_code in RETRY_STATUS:
             raise Transient(f"{method} {path}: HTTP {resp.status_code}", retry_after(resp))
         if resp.status_code in (401, 403):
@@ -67,7 +63,7 @@ class LabelStudioAPI:
         return self.call("GET", f"/api/tasks/{int(task_id)}").json()
 
     def task_ids(self, project_id: int, page_size: int = 500):
-        """(id, annotations incl. skipped ones, predictions) of every task, in id order, page by page.
+        """(id, annotations incl. skipped ones) of every task, in id order, page by page.
 
         `fields=task_only` keeps pages small: no prediction bodies (their model versions are checked
         per task, fresh, just before labelling it).
@@ -85,7 +81,7 @@ class LabelStudioAPI:
             tasks = resp.json().get("tasks", [])
             for t in tasks:
                 annotated = int(t.get("total_annotations") or 0) + int(t.get("cancelled_annotations") or 0)
-                yield int(t["id"]), annotated, int(t.get("total_predictions") or 0)
+                yield int(t["id"]), annotated
             if len(tasks) < page_size:
                 return
             page += 1

@@ -80,8 +80,10 @@ class LabelStudio:
     def _refresh(self) -> None:
         try:
             r = requests.post(f"{self.url}/api/token/refresh/", json={"refresh": self.token}, timeout=self.timeout)
-        except requests.RequestException as e:
-            raise ImageError(f"could not reach Label Studio at {self.url} to refresh the access token: {e}") from None
+        except requests.RequestException as e:  # retried by the caller (`retry.with_retries`)
+            raise Transient(f"could not reach Label Studio at {self.url} to refresh the access token: {e}") from None
+        if r.status_code in RETRY_STATUS:
+            raise Transient(f"Label Studio answered {r.status_code} to the token refresh", retry_after(r))
         if r.status_code != 200:
             raise ImageError(
                 f"Label Studio refused the personal access token ({r.status_code}); check LABEL_STUDIO_API_KEY", 422

@@ -27,8 +27,8 @@ from .client import LabelStudioAPI
 from .config import Settings, parse_bool
 from .errors import BackendError
 from .model import Runtime, SAM3Backend, model_version
-from .retry import Backoff, Transient
 from .autolabel import Stages
+from .retry import Backoff, Transient
 from .store import ACTIVE, STATUSES
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class Context:
     api: LabelStudioAPI | None
     worker: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     heartbeat: Callable[[], None] = lambda: None  # tells rq this worker is alive (see dispatch.Worker)
-    _backends: dict = field(default_factory=dict)
+    _job_backend: tuple[str, SAM3Backend] | None = None  # (job id, its backend): chunks of one job share it
 
     def require_api(self) -> LabelStudioAPI:
         if self.api is None:
@@ -81,9 +81,10 @@ def _request(body) -> dict:
             raise BackendError("'tasks' must be a non-empty list of task ids, or null for the whole project")
     out = {"project": int(project), "tasks": sorted(set(tasks)) if tasks else None,
            "ontology": body.get("ontology"), "thresholds": body.get("thresholds")}
-    for name, default in (("overwrite", False), ("dry_run", False)):
+    for name in ("overwrite", "dry_run"):
         try:
-            out[name] = parse_bool(body.get(name, default) if body.get(name) is not None else default, name)
+            value = body.get(name)
+            out[name] = parse_bool(False if value is None else value, name)
         except ValueError as e:
             raise BackendError(str(e)) from None
     for name in ("limit", "chunk_size"):
@@ -188,13 +189,14 @@ def plan(ctx: Context, job_id: str) -> list[list[int]]:
     job = store.get(job_id)
     if job is None or job["status"] not in ACTIVE:
         return []
-    if store.chunks(job_id) is not None:
-        return store.chunks(job_id)
+    stored = store.chunks(job_id)
+    if stored is not None:
+        return stored
     store.transition(job_id, ("queued",), status="running", started_at=_now())
     req = job["request"]
     wanted = set(req["tasks"]) if req["tasks"] else None
     seen, todo, skipped = set(), [], {}
-    for tid, annotated, _ in ctx.require_api().task_ids(job["project"]):
+    for tid, annotated in ctx.require_api().task_ids(job["project"]):
         if wanted is not None and tid not in wanted:
             continue
         seen.add(tid)
@@ -230,10 +232,9 @@ def run_chunk(ctx: Context, job_id: str, task_ids: list[int]) -> Stages | None:
     if job is None or job["status"] not in ACTIVE:
         return None  # cancelled or failed while this chunk waited
     api = ctx.require_api()
-    backend = ctx._backends.get(job_id)
-    if backend is None:
-        backend = _backend(ctx.settings, ctx.runtime, api, job["label_config"], job["request"])
-        ctx._backends = {job_id: backend}  # one job's backend at a time is enough
+    if ctx._job_backend is None or ctx._job_backend[0] != job_id:
+        ctx._job_backend = job_id, _backend(ctx.settings, ctx.runtime, api, job["label_config"], job["request"])
+    backend = ctx._job_backend[1]
     if backend.model_version != job["model_version"]:
         fail(store, job_id, f"worker {ctx.worker} has checkpoint {ctx.settings.model!r} "
                             f"(model_version {backend.model_version}); the job needs {job['model_version']}")
@@ -249,7 +250,7 @@ def run_chunk(ctx: Context, job_id: str, task_ids: list[int]) -> Stages | None:
         fetched[tid] = task
         if task.get("annotations"):
             raise Skip("annotated")
-        if not req["overwrite"] and any(p.get("model_version") == mv for p in task.get("predictions") or []):
+        if not req["overwrite"] and _has_prediction(task, mv):
             raise Skip("already predicted by this model_version")
         return backend.load_task_image(task)
 
@@ -257,6 +258,7 @@ def run_chunk(ctx: Context, job_id: str, task_ids: list[int]) -> Stages | None:
     cancelled = False
     # Posting runs on its own thread, one batch at a time and in order, while the model labels the next
     # tasks; "upload" counts only the time the model waited for it.
+    labeler = backend.auto_labeler(ctx.runtime.wait(timeout=600))
     poster = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sam3-post")
     in_flight: list[Future] = []
 
@@ -272,7 +274,6 @@ def run_chunk(ctx: Context, job_id: str, task_ids: list[int]) -> Stages | None:
             _wait(in_flight.pop(), ctx)
         labeler.stages.add("upload", time.perf_counter() - t0)
 
-    labeler = backend.auto_labeler(ctx.runtime.wait(timeout=600))
     try:
         for task_id, _, dets, error in labeler.run(todo, load):
             ctx.heartbeat()
@@ -386,7 +387,7 @@ def post_predictions(api: LabelStudioAPI, project: int, mv: str, predictions: di
             time.sleep(backoff.delay(attempt, e.after))
         try:
             for t in list(remaining):
-                if any(p.get("model_version") == mv for p in api.task(t).get("predictions") or []):
+                if _has_prediction(api.task(t), mv):
                     posted[t] = len(remaining.pop(t)["result"])
         except (Transient, BackendError) as e:
             # Cannot tell what was stored: posting again could duplicate. A later run finishes them.
@@ -394,6 +395,10 @@ def post_predictions(api: LabelStudioAPI, project: int, mv: str, predictions: di
         if not remaining:
             return posted, {}
     return posted, {t: f"gave up posting after {backoff.attempts} attempts: {last}" for t in remaining}
+
+
+def _has_prediction(task: dict, mv: str) -> bool:
+    return any(p.get("model_version") == mv for p in task.get("predictions") or [])
 
 
 def _delete_own(api: LabelStudioAPI, tasks: list[dict], mv: str, own_prefix: str) -> None:
