@@ -24,6 +24,7 @@ from .config import parse_bool
 from .detections import Detections
 from .errors import BackendError
 from .labelconfig import LabelConfig
+from .wire import number, parse_json
 
 log = logging.getLogger(__name__)
 
@@ -55,28 +56,29 @@ class Thresholds:
         unknown = set(data) - names
         if unknown:
             raise BackendError(f"unknown threshold setting(s) {sorted(unknown)}; known: {sorted(names)}")
-        try:
-            for key, value in data.items():
-                if key == "per_label":
-                    if not isinstance(value, dict):
-                        raise BackendError("thresholds.per_label must map labels to numbers")
-                    out.per_label = {str(k): float(v) for k, v in value.items()}
-                elif key == "nms":
-                    try:
-                        out.nms = parse_bool(value, "thresholds.nms")
-                    except ValueError as e:
-                        raise BackendError(str(e)) from None
-                elif key == "max_detections":
-                    out.max_detections = int(value)
-                else:
-                    setattr(out, key, float(value))
-        except (TypeError, ValueError):
-            raise BackendError(f"threshold settings must be numbers: {data}") from None
+        for key, value in data.items():
+            if key == "per_label":
+                if not isinstance(value, dict) or len(value) > 1000:
+                    raise BackendError("thresholds.per_label must map labels to numbers")
+                out.per_label = {str(k): number(v, f"thresholds.per_label[{str(k)[:50]!r}]")
+                                 for k, v in value.items()}
+            elif key == "nms":
+                try:
+                    out.nms = parse_bool(value, "thresholds.nms")
+                except ValueError as e:
+                    raise BackendError(str(e)[:200]) from None
+            elif key == "max_detections":
+                v = number(value, "thresholds.max_detections")
+                if v != int(v) or not 1 <= v <= 1000:
+                    raise BackendError("thresholds.max_detections must be a whole number from 1 to 1000")
+                out.max_detections = int(v)
+            else:
+                setattr(out, key, number(value, f"thresholds.{key}"))
         for name, v in [("confidence", out.confidence), ("nms_iou", out.nms_iou), *out.per_label.items()]:
             if not 0 <= v <= 1:
-                raise BackendError(f"threshold {name} = {v} must be between 0 and 1")
-        if out.max_detections < 1:
-            raise BackendError("max_detections must be at least 1")
+                raise BackendError(f"threshold {name[:50]} = {v} must be between 0 and 1")
+        if out.min_area < 0:
+            raise BackendError("thresholds.min_area must not be negative")
         return out
 
     def for_label(self, label: str, entry_threshold: float | None) -> float:
@@ -85,7 +87,7 @@ class Thresholds:
         return self.per_label.get(label, self.confidence)
 
 
-def parse_ontology(spec, config: LabelConfig) -> list[Entry]:
+def parse_ontology(spec, config: LabelConfig, max_entries: int = 256, max_chars: int = 200) -> list[Entry]:
     """Ontology in Roboflow Auto Label's formats, else `predicted_values` synonyms, else the labels.
 
     - {"a red car": "car", ...}            prompt -> label
@@ -93,10 +95,9 @@ def parse_ontology(spec, config: LabelConfig) -> list[Entry]:
     - [{"prompt", "label", "threshold"}]   with an optional per-prompt threshold
     """
     if isinstance(spec, str) and spec.strip():
-        try:
-            spec = json.loads(spec)
-        except json.JSONDecodeError as e:
-            raise BackendError(f"ontology is not valid JSON: {e}") from None
+        spec = parse_json(spec, "ontology")
+    if isinstance(spec, (dict, list)) and len(spec) > max_entries:
+        raise BackendError(f"ontology has {len(spec)} entries; at most {max_entries} (SAM3_MAX_ONTOLOGY)")
     entries: list[Entry] = []
     if not spec:
         for control in config.outputs:
@@ -104,18 +105,20 @@ def parse_ontology(spec, config: LabelConfig) -> list[Entry]:
                 for prompt in [label, *control.synonyms.get(label, [])]:
                     entries.append(Entry(prompt, label))
     elif isinstance(spec, dict):
-        entries = [Entry(str(p), str(lbl)) for p, lbl in spec.items()]
+        if not all(isinstance(lbl, str) for lbl in spec.values()):
+            raise BackendError("ontology maps prompts to label names (strings)")
+        entries = [Entry(p, lbl) for p, lbl in spec.items()]
     elif isinstance(spec, list):
         for i, item in enumerate(spec):
             if isinstance(item, str):
                 entries.append(Entry(item, item))
-            elif isinstance(item, dict) and item.get("prompt"):
+            elif isinstance(item, dict) and isinstance(item.get("prompt"), str) and item["prompt"]:
                 th = item.get("threshold")
-                try:
-                    th = None if th is None else float(th)
-                except (TypeError, ValueError):
-                    raise BackendError(f"ontology[{i}].threshold must be a number") from None
-                entries.append(Entry(str(item["prompt"]), str(item.get("label") or item["prompt"]), th))
+                th = None if th is None else number(th, f"ontology[{i}].threshold")
+                label = item.get("label") or item["prompt"]
+                if not isinstance(label, str):
+                    raise BackendError(f"ontology[{i}].label must be a string")
+                entries.append(Entry(item["prompt"], label, th))
             else:
                 raise BackendError(f"ontology[{i}] must be a string or an object with a 'prompt'")
     else:
@@ -123,11 +126,13 @@ def parse_ontology(spec, config: LabelConfig) -> list[Entry]:
     valid = set(config.labels)
     bad = sorted({e.label for e in entries} - valid)
     if bad:
-        raise BackendError(f"ontology names label(s) {bad} that the label config does not have; "
-                           f"valid labels: {', '.join(config.labels)}")
+        raise BackendError(f"ontology names label(s) {[b[:50] for b in bad[:10]]} that the label config does not "
+                           f"have; valid labels: {', '.join(config.labels)}")
     for e in entries:
         if not e.prompt.strip():
             raise BackendError("ontology has an empty prompt")
+        if len(e.prompt) > max_chars:
+            raise BackendError(f"ontology prompt {e.prompt[:50]!r}... is longer than {max_chars} characters")
         if e.threshold is not None and not 0 <= e.threshold <= 1:
             raise BackendError(f"threshold for prompt {e.prompt!r} must be between 0 and 1")
     return list(dict.fromkeys(entries))
@@ -168,7 +173,8 @@ class AutoLabeler:
         prompts = list(dict.fromkeys(e.prompt for e in self.entries))
         # The lowest threshold any entry of a prompt uses, so the engine upsamples only what may be kept.
         floor = min(self.thresholds.for_label(e.label, e.threshold) for e in self.entries)
-        found = dict(zip(prompts, self.engine.detect(enc, prompts, floor, self.mask_threshold)))
+        found = dict(zip(prompts, self.engine.detect(enc, prompts, floor, self.mask_threshold,
+                                                     self.thresholds.max_detections)))
         t1 = time.perf_counter()
         masks, scores, labels = [], [], []
         for e in self.entries:

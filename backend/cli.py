@@ -7,44 +7,42 @@ import os
 import sys
 
 
-def gunicorn_options(args, settings) -> dict:
-    """Serving on one GPU: one process holds the model (GPU memory is not shared across forks) and
-    request threads share it; the app, and with it CUDA, is created in the worker after the fork."""
-    options = {
-        "bind": f"{args.host}:{args.port}",
-        "workers": 1,
-        "worker_class": "gthread",
-        "threads": args.threads,
-        "preload_app": False,  # never initialise CUDA in the master that forks
-        "timeout": args.timeout,  # a large batch predict can take minutes
-        "graceful_timeout": args.graceful_timeout,  # on SIGTERM, finish the request in hand
-        "keepalive": 5,
-        "accesslog": "-" if args.access_log else None,
-        "errorlog": "-",
-        "loglevel": settings.log_level.lower(),
-    }
-    if os.path.isdir("/dev/shm"):
-        options["worker_tmp_dir"] = "/dev/shm"  # heartbeat file off a container's overlay disk
-    return options
+def _settings():
+    """Settings from the environment; a configuration that cannot work stops the command (exit 2)."""
+    from .config import Settings
+
+    settings = Settings.from_env()
+    problems = settings.problems()
+    if problems:
+        for problem in problems:
+            print(f"configuration error: {problem}", file=sys.stderr)
+        raise SystemExit(2)
+    return settings
 
 
 def _serve(args) -> int:
     from gunicorn.app.base import BaseApplication
 
-    from .config import Settings
+    from . import serving
 
-    settings = Settings.from_env()
+    settings = _settings()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not settings.basic_auth_user and args.host not in ("127.0.0.1", "localhost", "::1"):
+        logging.getLogger("backend.cli").warning(
+            "serving on %s without authentication: anyone who can reach port %d can use this backend. "
+            "Set BASIC_AUTH_USER and BASIC_AUTH_PASS (and give them in Label Studio's Connect Model form), "
+            "or serve on 127.0.0.1", args.host, args.port)
+    serving.READ_TIMEOUT = settings.read_timeout
 
     class App(BaseApplication):
         def load_config(self):
-            for key, value in gunicorn_options(args, settings).items():
+            for key, value in serving.gunicorn_options(args, settings).items():
                 self.cfg.set(key, value)
 
         def load(self):
             from .protocol import create_app
 
-            return create_app(settings)
+            return serving.ReadWholeBody(create_app(settings), int(settings.max_body_mb * (1 << 20)))
 
     App().run()
     return 0
@@ -54,9 +52,7 @@ def _health(args) -> int:
     """Exit 0 when the service answers and its model is loaded (the container HEALTHCHECK)."""
     import requests
 
-    from .config import Settings
-
-    settings = Settings.from_env()
+    settings = _settings()
     auth = (settings.basic_auth_user, settings.basic_auth_pass) if settings.basic_auth_user else None
     try:
         data = requests.get(f"http://127.0.0.1:{args.port}/health", auth=auth, timeout=5).json()
@@ -73,12 +69,12 @@ def _predict(args) -> int:
     from collections import Counter
     from pathlib import Path
 
-    from .config import Settings
     from .errors import BackendError
-    from .model import Runtime, SAM3Backend
+    from .model import SAM3Backend
     from .preview import draw
+    from .runtime import Runtime
 
-    settings = Settings.from_env()
+    settings = _settings()
     if args.model:
         settings.model = args.model
     if args.device:
@@ -137,15 +133,14 @@ def _label(args) -> int:
     """A bulk label job over a Label Studio project: here with a progress line, or queued for workers."""
     import threading
 
-    from . import dispatch, jobs
-    from .config import Settings
+    from . import dispatch, jobs, labelstudio
     from .errors import BackendError
-    from .model import Runtime
+    from .runtime import Runtime
     from .store import MemoryStore
 
-    settings = Settings.from_env()
+    settings = _settings()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    api = dispatch.api_from(settings)
+    api = labelstudio.api_for(settings, labelstudio.connect(settings))
     if api is None:
         print("error: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY", file=sys.stderr)
         return 2
@@ -227,9 +222,8 @@ def _jobs(args) -> int:
     import requests
 
     from . import dispatch, jobs
-    from .config import Settings
 
-    settings = Settings.from_env()
+    settings = _settings()
     if settings.redis_url:
         store = dispatch.redis_store(settings)
         if args.id:
@@ -269,9 +263,8 @@ def _jobs(args) -> int:
 def _worker(args) -> int:
     """An rq worker: loads SAM 3 once, then runs label jobs from the queue until stopped."""
     from . import dispatch
-    from .config import Settings
 
-    settings = Settings.from_env()
+    settings = _settings()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not settings.redis_url:
         print("error: the worker needs REDIS_URL", file=sys.stderr)
@@ -295,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the ML backend HTTP service (gunicorn)")
     serve.add_argument("--host", default=os.environ.get("HOST", "0.0.0.0"))
     serve.add_argument("--port", type=int, default=int(os.environ.get("PORT", "9090")))
-    serve.add_argument("--threads", type=int, default=int(os.environ.get("THREADS", "8")))
+    serve.add_argument("--threads", type=int, default=int(os.environ.get("THREADS", "64")))
     serve.add_argument("--timeout", type=int, default=int(os.environ.get("GUNICORN_TIMEOUT", "600")))
     serve.add_argument("--graceful-timeout", type=int, default=int(os.environ.get("GRACEFUL_TIMEOUT", "120")))
     serve.add_argument("--access-log", action="store_true", help="log every request")

@@ -1,6 +1,7 @@
 """Settings, read once from the environment (see the README's configuration table)."""
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -24,9 +25,12 @@ def parse_bool(value, what: str) -> bool:
 def _float(name: str, default: float) -> float:
     raw = _env(name)
     try:
-        return float(raw) if raw else default
+        value = float(raw) if raw else default
     except ValueError:
         raise SystemExit(f"{name} must be a number, got {raw!r}") from None
+    if not math.isfinite(value):
+        raise SystemExit(f"{name} must be a finite number, got {raw!r}")
+    return value
 
 
 def _bool(name: str, default: bool) -> bool:
@@ -55,10 +59,20 @@ class Settings:
     min_area: float = 0.0  # pixels; smaller auto-labelled instances are dropped
     nms: bool = True
     nms_iou: float = 0.5
-    max_image_mb: float = 50.0
-    max_image_pixels: float = 100e6
-    fetch_timeout: float = 30.0
+    max_image_mb: float = 32.0
+    max_image_pixels: float = 40e6  # from the header, before decoding; an RGB copy costs 3 bytes a pixel
+    fetch_timeout: float = 30.0  # seconds for a whole image fetch: attempts, redirects and waits
     fetch_retries: int = 3  # attempts per image on 429/5xx/dropped connections
+    allow_private_urls: bool = False  # fetch images from loopback/private/link-local addresses too
+    allowed_hosts: str = ""  # comma-separated hosts, host:port or CIDR networks allowed although private
+    max_body_mb: float = 20.0  # request bodies (413 above)
+    read_timeout: float = 15.0  # seconds for a client to send a request's headers and body
+    max_prompts: int = 64  # prompt regions (points, boxes, texts) in one interactive request
+    max_prompt_chars: int = 200  # characters of a text prompt (SAM 3 reads 32 tokens at most)
+    max_ontology: int = 256  # prompts in an ontology
+    max_projects: int = 256  # projects whose config and connection are kept in memory (least recent go)
+    max_job_tasks: int = 10000  # task ids one job request may name
+    max_jobs: int = 1000  # jobs the in-memory store keeps (finished ones go first, after a day)
     redis_url: str = ""  # set: jobs go to rq workers; unset: one background thread in the service
     queue: str = "sam3"
     job_chunk: int = 64  # tasks per rq job; several workers share a project chunk by chunk
@@ -90,6 +104,16 @@ class Settings:
             max_image_pixels=_float("SAM3_MAX_IMAGE_PIXELS", cls.max_image_pixels),
             fetch_timeout=_float("SAM3_FETCH_TIMEOUT", cls.fetch_timeout),
             fetch_retries=int(_float("SAM3_FETCH_RETRIES", cls.fetch_retries)),
+            allow_private_urls=_bool("SAM3_ALLOW_PRIVATE_URLS", cls.allow_private_urls),
+            allowed_hosts=_env("SAM3_ALLOWED_HOSTS"),
+            max_body_mb=_float("SAM3_MAX_BODY_MB", cls.max_body_mb),
+            read_timeout=_float("SAM3_READ_TIMEOUT", cls.read_timeout),
+            max_prompts=int(_float("SAM3_MAX_PROMPTS", cls.max_prompts)),
+            max_prompt_chars=int(_float("SAM3_MAX_PROMPT_CHARS", cls.max_prompt_chars)),
+            max_ontology=int(_float("SAM3_MAX_ONTOLOGY", cls.max_ontology)),
+            max_projects=int(_float("SAM3_MAX_PROJECTS", cls.max_projects)),
+            max_job_tasks=int(_float("SAM3_MAX_JOB_TASKS", cls.max_job_tasks)),
+            max_jobs=int(_float("SAM3_MAX_JOBS", cls.max_jobs)),
             redis_url=_env("REDIS_URL"),
             queue=_env("SAM3_QUEUE", cls.queue),
             job_chunk=int(_float("SAM3_JOB_CHUNK", cls.job_chunk)),
@@ -98,3 +122,41 @@ class Settings:
             api_retries=int(_float("SAM3_API_RETRIES", cls.api_retries)),
             log_level=_env("LOG_LEVEL", cls.log_level).upper(),
         )
+
+    def problems(self) -> list[str]:
+        """What is wrong with these settings; `serve` and `worker` refuse to start on any of it."""
+        out = []
+        if bool(self.label_studio_url) != bool(self.label_studio_api_key):
+            out.append("LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY go together: the key is only ever sent to that URL. "
+                       "Set both, or neither (then each project's /setup host and token are used together)")
+        if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
+            out.append("BASIC_AUTH_USER and BASIC_AUTH_PASS go together: set both to require HTTP Basic auth, "
+                       "or neither")
+        if not all(0x21 <= ord(c) <= 0x7e for c in self.label_studio_api_key):
+            out.append("LABEL_STUDIO_API_KEY must be printable ASCII without spaces")
+        if ":" in self.basic_auth_user:
+            out.append("BASIC_AUTH_USER must not contain ':'")
+        try:
+            from .outbound import Policy
+
+            Policy.parse(self.allow_private_urls, self.allowed_hosts)
+        except ValueError as e:
+            out.append(str(e))
+        if self.label_studio_url:
+            from .outbound import Refused, parse_url
+
+            try:
+                parse_url(self.label_studio_url)
+            except Refused as e:
+                out.append(f"LABEL_STUDIO_URL is not usable: {e}")
+        for name in ("mask_threshold", "text_threshold", "nms_iou"):
+            if not 0 <= getattr(self, name) <= 1:
+                out.append(f"{name} must be between 0 and 1")
+        for name in ("max_image_mb", "max_image_pixels", "fetch_timeout", "max_body_mb", "read_timeout",
+                     "max_prompts", "max_prompt_chars", "max_ontology", "max_projects", "max_job_tasks",
+                     "max_jobs", "max_detections", "fetch_retries", "api_retries", "job_chunk", "post_batch",
+                     "job_heartbeat"):
+            if getattr(self, name) <= 0:
+                out.append(f"{name} must be positive")
+        return out
+

@@ -10,23 +10,13 @@ import logging
 import queue
 import threading
 
-from . import jobs
-from .client import LabelStudioAPI
+from . import jobs, labelstudio
 from .config import Settings
-from .images import LabelStudio
-from .model import Runtime
-from .retry import Backoff
+from .labelstudio import LabelStudioAPI
+from .runtime import Runtime
 from .store import RedisStore
 
 log = logging.getLogger(__name__)
-
-
-def api_from(settings: Settings, url: str = "", token: str = "") -> LabelStudioAPI | None:
-    """The Label Studio API: env settings first, else the connection given (a project's /setup)."""
-    url, token = (settings.label_studio_url, settings.label_studio_api_key) if settings.label_studio_url else (url, token)
-    if not url:
-        return None
-    return LabelStudioAPI(LabelStudio(url, token, timeout=settings.fetch_timeout), Backoff(settings.api_retries))
 
 
 def redis_store(settings: Settings) -> RedisStore:
@@ -66,7 +56,8 @@ def worker_context() -> jobs.Context:
     global _context
     if _context is None:
         settings = Settings.from_env()
-        _context = jobs.Context(settings, Runtime(settings).load(), redis_store(settings), api_from(settings))
+        api = labelstudio.api_for(settings, labelstudio.connect(settings))
+        _context = jobs.Context(settings, Runtime(settings).load(), redis_store(settings), api)
     return _context
 
 

@@ -28,6 +28,7 @@ from .errors import BackendError
 log = logging.getLogger(__name__)
 
 MAX_PROMPT_TOKENS = 32  # SAM 3's text encoder has 32 positions; longer prompts raise in the model
+MAX_PROMPT_CHARS = 1000  # nothing this long fits in 32 tokens; refused before the tokenizer sees it
 
 
 @dataclass
@@ -260,11 +261,13 @@ class Sam3Engine:
     # ---- text (every instance) -----------------------------------------------------------
     @torch.inference_mode()
     def detect(
-        self, enc: Encoding, prompts: Sequence[str], threshold: float = 0.5, mask_threshold: float = 0.5
+        self, enc: Encoding, prompts: Sequence[str], threshold: float = 0.5, mask_threshold: float = 0.5,
+        max_keep: int = 100,
     ) -> list[Detections]:
         """Every instance of each text prompt, decoded together in one forward on the cached image.
 
-        Returns one `Detections` per prompt, labelled with the prompt, scores above `threshold`.
+        Returns one `Detections` per prompt, labelled with the prompt: its best `max_keep` instances
+        scoring above `threshold`. Only those are upsampled, so memory is O(kept), not O(queries).
         """
         from transformers.modeling_outputs import BaseModelOutputWithPooling
         from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
@@ -292,7 +295,7 @@ class Sam3Engine:
         results = []
         for i, prompt in enumerate(prompts):
             keep = (scores[i] > threshold).nonzero().flatten()
-            keep = keep[scores[i][keep].argsort(descending=True)]
+            keep = keep[scores[i][keep].argsort(descending=True)][:max_keep]
             # Only the kept queries are upsampled to full resolution.
             masks = self._upsample(out.pred_masks[i, keep].float(), enc.height, enc.width, mask_threshold)
             results.append(Detections(masks, scores[i, keep].cpu().numpy(), [prompt] * len(keep)))
@@ -300,14 +303,20 @@ class Sam3Engine:
 
     def _text_features(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Projected text features per prompt, computed once per distinct prompt and kept."""
-        with self._lock:  # the cache and the text encoder, together
+        if any(len(p) > MAX_PROMPT_CHARS for p in prompts):  # callers bound prompts well below this
+            raise BackendError(f"text prompt too long for SAM 3 (at most {MAX_PROMPT_TOKENS - 2} tokens)")
+        with self._lock:
             missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
+        if missing:
+            # Tokenised outside the model lock (clicks on other images go on meanwhile); a prompt that
+            # another thread encoded in between is encoded again, which is harmless.
+            tok = self.processor.tokenizer(
+                missing, padding="max_length", max_length=MAX_PROMPT_TOKENS, truncation=False, return_tensors="pt"
+            )
+            if tok["input_ids"].shape[1] > MAX_PROMPT_TOKENS:
+                raise BackendError(f"text prompt too long for SAM 3 (at most {MAX_PROMPT_TOKENS - 2} tokens)")
+        with self._lock:  # the cache and the text encoder, together
             if missing:
-                tok = self.processor.tokenizer(
-                    missing, padding="max_length", max_length=MAX_PROMPT_TOKENS, truncation=False, return_tensors="pt"
-                )
-                if tok["input_ids"].shape[1] > MAX_PROMPT_TOKENS:
-                    raise BackendError(f"text prompt too long for SAM 3 (at most {MAX_PROMPT_TOKENS - 2} tokens)")
                 ids = tok["input_ids"].to(self.device)
                 attn = tok["attention_mask"].to(self.device)
                 feats = self.detector.get_text_features(input_ids=ids, attention_mask=attn).pooler_output

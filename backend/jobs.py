@@ -23,10 +23,11 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Callable
 
-from .client import LabelStudioAPI
 from .config import Settings, parse_bool
 from .errors import BackendError
-from .model import Runtime, SAM3Backend, model_version
+from .labelstudio import LabelStudioAPI
+from .model import SAM3Backend
+from .runtime import Runtime, model_version
 from .autolabel import Stages
 from .retry import Backoff, Transient
 from .store import ACTIVE, STATUSES
@@ -63,38 +64,45 @@ def _now() -> float:
 
 
 # ---- creating a job ------------------------------------------------------------------------------
-def _request(body) -> dict:
+def _request(body, max_tasks: int = 10000) -> dict:
     """The job request with types checked; every problem named."""
     if not isinstance(body, dict):
         raise BackendError("request body must be a JSON object")
     known = {"project", "ontology", "thresholds", "tasks", "limit", "overwrite", "dry_run", "chunk_size"}
     unknown = set(body) - known
     if unknown:
-        raise BackendError(f"unknown job field(s) {sorted(unknown)}; known: {sorted(known)}")
+        raise BackendError(f"unknown job field(s) {sorted(str(u)[:50] for u in unknown)[:10]}; known: {sorted(known)}")
     project = body.get("project")
-    if isinstance(project, bool) or not isinstance(project, (int, str)) or not str(project).isdigit():
+    if not _whole(project, 1, 10**15) and not (isinstance(project, str) and project.isascii() and project.isdigit()
+                                               and len(project) <= 15):
         raise BackendError("'project' must be a Label Studio project id (a number)")
     tasks = body.get("tasks")
     if tasks is not None:
-        if not isinstance(tasks, list) or not tasks or not all(isinstance(t, int) and not isinstance(t, bool)
-                                                                 for t in tasks):
+        if not isinstance(tasks, list) or not tasks or not all(_whole(t, 1, 10**15) for t in tasks):
             raise BackendError("'tasks' must be a non-empty list of task ids, or null for the whole project")
+        if len(tasks) > max_tasks:
+            raise BackendError(f"'tasks' names {len(tasks)} tasks; at most {max_tasks} (SAM3_MAX_JOB_TASKS) in one "
+                               "job: split the list, or leave 'tasks' out to label the whole project", 413)
     out = {"project": int(project), "tasks": sorted(set(tasks)) if tasks else None,
            "ontology": body.get("ontology"), "thresholds": body.get("thresholds")}
     for name in ("overwrite", "dry_run"):
         try:
             value = body.get(name)
             out[name] = parse_bool(False if value is None else value, name)
-        except ValueError as e:
-            raise BackendError(str(e)) from None
-    for name in ("limit", "chunk_size"):
+        except ValueError:
+            raise BackendError(f"'{name}' must be true or false") from None
+    for name, most in (("limit", 10**9), ("chunk_size", 100000)):
         value = body.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise BackendError(f"'{name}' must be a positive integer or null")
+        if value is not None and not _whole(value, 1, most):
+            raise BackendError(f"'{name}' must be a whole number from 1 to {most}, or null")
         out[name] = value
     if out["dry_run"] and out["limit"] is None:
         out["limit"] = DRY_RUN_LIMIT
     return out
+
+
+def _whole(value, least: int, most: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and least <= value <= most
 
 
 def create(store, api: LabelStudioAPI, settings: Settings, runtime: Runtime, body) -> dict:
@@ -102,16 +110,19 @@ def create(store, api: LabelStudioAPI, settings: Settings, runtime: Runtime, bod
 
     Nothing is stored when the request, the project or its ontology is wrong.
     """
-    req = _request(body)
+    req = _request(body, settings.max_job_tasks)
+    # The caller waits: two quick attempts, and Label Studio's trouble is a 424 (Failed Dependency), not ours.
+    quick = LabelStudioAPI(api.ls, Backoff(attempts=2, base=0.5), api.timeout)
     try:
-        project = api.project(req["project"])
+        project = quick.project(req["project"])
     except BackendError as e:
         if e.status == 404:
             raise BackendError(f"project {req['project']} not found in Label Studio at {api.ls.url}", 404) from None
-        raise
+        raise BackendError(e.message, 424) from None
     except Transient as e:
-        raise BackendError(f"Label Studio at {api.ls.url} is not answering: {e}", 503) from None
-    backend = _backend(settings, runtime, api, project.get("label_config") or "", req)
+        raise BackendError(f"Label Studio at {api.ls.url} is not answering: {e}", 424) from None
+    config = project.get("label_config") if isinstance(project, dict) else None
+    backend = _backend(settings, runtime, api, config if isinstance(config, str) else "", req)
     job_id = uuid.uuid4().hex[:12]
     fields = {
         "id": job_id,
@@ -121,7 +132,7 @@ def create(store, api: LabelStudioAPI, settings: Settings, runtime: Runtime, bod
         # Resolved here, so every worker labels with exactly these whatever its own environment says.
         "request": {**{k: v for k, v in req.items() if k != "project"},
                     "ontology": [asdict(e) for e in backend.ontology], "thresholds": asdict(backend.thresholds)},
-        "label_config": project["label_config"],
+        "label_config": config,
         "created_at": _now(),
     }
     store.create(job_id, fields)

@@ -6,85 +6,23 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from pathlib import Path
 
 import numpy as np
 
-from . import autolabel, metrics
+from . import autolabel, labelstudio, metrics, outbound
 from .autolabel import AutoLabeler, Thresholds
 from .base import LabelStudioMLBase
-from .config import Settings
 from .detections import Detections
 from .engine import Sam3Engine
 from .errors import BackendError
-from .images import ImageLoader, LabelStudio
+from .images import ImageLoader
 from .labelconfig import LabelConfig
 from .prompts import Prompt, parse_context
 from .retry import Backoff
 from .regions import to_regions
+from .runtime import Runtime, model_version
 
 log = logging.getLogger(__name__)
-
-
-def checkpoint_fingerprint(model: str) -> str:
-    """Identity of the weights: a local folder by its config and weight files, a hub id by name."""
-    path = Path(model)
-    h = hashlib.sha1()
-    if path.is_dir():
-        cfg = path / "config.json"
-        h.update(cfg.read_bytes() if cfg.exists() else b"")
-        for f in sorted(path.glob("*.safetensors")):
-            h.update(f"{f.name}:{f.stat().st_size}".encode())
-    else:
-        h.update(model.encode())
-    return h.hexdigest()[:8]
-
-
-def model_version(settings: Settings, fingerprint: str) -> str:
-    """Changes when the checkpoint changes, and only then."""
-    name = Path(settings.model.rstrip("/")).name or "sam3"
-    return f"{name}-{fingerprint}"
-
-
-class Runtime:
-    """The process-wide engine, loaded once in the background so that /health and /setup answer at once."""
-
-    def __init__(self, settings: Settings, engine: Sam3Engine | None = None):
-        self.settings = settings
-        self.engine = engine
-        self.state = "ready" if engine is not None and engine.loaded else "loading"
-        self.error = ""
-        self.fingerprint = checkpoint_fingerprint(settings.model)
-        self._ready = threading.Event()
-        if self.state == "ready":
-            self._ready.set()
-
-    def start_loading(self) -> None:
-        if self.state == "ready":
-            return
-        threading.Thread(target=self.load, name="sam3-load", daemon=True).start()
-
-    def load(self) -> "Runtime":
-        """Load in this thread (the CLI); failures are kept for /health and predict, not raised."""
-        try:
-            engine = Sam3Engine(self.settings.model, self.settings.device, int(self.settings.cache_mb * (1 << 20)))
-            self.engine = engine.load()
-            self.state = "ready"
-            metrics.MODEL_LOADED.set(1)
-        except Exception as e:  # reported by /health and by every predict
-            log.exception("loading %s failed", self.settings.model)
-            self.state, self.error = "failed", f"{type(e).__name__}: {e}"
-        finally:
-            self._ready.set()
-        return self
-
-    def wait(self, timeout: float) -> Sam3Engine:
-        self._ready.wait(timeout)
-        if self.state == "failed":
-            raise BackendError(f"SAM 3 model {self.settings.model!r} failed to load: {self.error}", 503)
-        if self.state != "ready":
-            raise BackendError("SAM 3 model is still loading; try again in a moment", 503)
-        return self.engine
 
 
 class SAM3Backend(LabelStudioMLBase):
@@ -95,12 +33,10 @@ class SAM3Backend(LabelStudioMLBase):
     def setup(self) -> None:
         s = self.settings
         self.config = LabelConfig.parse(self.label_config) if self.label_config else None
-        # The token belongs to the host it came with: env token with env URL, /setup's with /setup's host
-        # (or with LABEL_STUDIO_URL, which names that same Label Studio as seen from this machine).
-        url = s.label_studio_url or self.hostname
-        token = s.label_studio_api_key or self.access_token
+        self.connection = labelstudio.connect(s, self.hostname, self.access_token)  # the one rule
         self.loader = ImageLoader(
-            LabelStudio(url, token, timeout=s.fetch_timeout) if url else None,
+            self.connection,
+            outbound.Policy.parse(s.allow_private_urls, s.allowed_hosts),
             max_bytes=int(s.max_image_mb * (1 << 20)),
             max_pixels=s.max_image_pixels,
             timeout=s.fetch_timeout,
@@ -116,7 +52,8 @@ class SAM3Backend(LabelStudioMLBase):
                           nms=s.nms, nms_iou=s.nms_iou)
         self.thresholds = Thresholds.from_dict(extra.get("thresholds"), base)
         spec = extra.get("ontology") or s.ontology or None
-        self.ontology = autolabel.parse_ontology(spec, self.config) if self.config is not None else None
+        self.ontology = (autolabel.parse_ontology(spec, self.config, s.max_ontology, s.max_prompt_chars)
+                         if self.config is not None else None)
 
     @property
     def model_version(self) -> str:
@@ -173,25 +110,28 @@ class SAM3Backend(LabelStudioMLBase):
         return self.loader.load(self._image_url(task))
 
     def predict_interactive(self, task: dict, context: dict) -> dict:
-        if not context.get("result"):
-            return self._prediction([], 0.0)  # every prompt was removed: nothing to fetch or encode
-        engine = self.runtime.wait(timeout=120)
-        enc = self._encoding(engine, task)
-        prompt = parse_context(context, self.config, enc.width, enc.height)
+        s = self.settings
+        # Checked before the image is fetched or encoded: a bad prompt costs milliseconds.
+        prompt = parse_context(context, self.config, s.max_prompts, s.max_prompt_chars)
         if prompt.empty:
-            return self._prediction([], 0.0)
+            return self._prediction([], 0.0)  # every prompt was removed: nothing to fetch or encode
         label = self._label(prompt)
         control = self.config.output_for(label)
-        s = self.settings
+        url = self._image_url(task)
+        engine = self.runtime.wait(timeout=120)
+        enc = self._encoding(engine, url)
         t0 = time.perf_counter()
         if prompt.text:
-            dets = engine.detect(enc, [prompt.text], s.text_threshold, s.mask_threshold)[0].with_label(label)
+            dets = engine.detect(enc, [prompt.text], s.text_threshold, s.mask_threshold,
+                                 self.thresholds.max_detections)[0].with_label(label)
         elif len(prompt.boxes) > 1:  # several boxes: one object each
-            parts = [engine.segment(enc, box=b, mask_threshold=s.mask_threshold) for b in prompt.boxes]
+            parts = [engine.segment(enc, box=b, mask_threshold=s.mask_threshold)
+                     for b in prompt.boxes_px(enc.width, enc.height)]
             dets = Detections(np.stack([m for m, _ in parts]), np.array([sc for _, sc in parts]), [label] * len(parts))
         else:
-            box = prompt.boxes[0] if prompt.boxes else None
-            mask, score = engine.segment(enc, prompt.points, prompt.point_labels, box, s.mask_threshold)
+            box = prompt.boxes_px(enc.width, enc.height)[0] if prompt.boxes else None
+            mask, score = engine.segment(enc, prompt.points_px(enc.width, enc.height), prompt.point_labels, box,
+                                         s.mask_threshold)
             dets = Detections(mask[None], np.array([score]), [label])
         regions = to_regions(dets, control, tolerance=s.polygon_tolerance, min_area=s.min_piece_area)
         log.debug("task %s: %d regions in %.3fs", task.get("id"), len(regions), time.perf_counter() - t0)
@@ -223,18 +163,20 @@ class SAM3Backend(LabelStudioMLBase):
         key = self.config.value_key
         if key not in data:
             raise BackendError(f"task {task.get('id')} data has no {key!r} field (the Image's value=\"${key}\")")
+        if not isinstance(data[key], str):
+            raise BackendError(f"task {task.get('id')} data.{key} must be an image URL (a string)")
         return data[key]
 
-    def _encoding(self, engine: Sam3Engine, task: dict):
+    def _encoding(self, engine: Sam3Engine, url: str):
         """The image's cached encoding; a warm click skips the download and the ViT."""
-        url = self._image_url(task)
+        ref = hashlib.sha1(url.encode(errors="replace")).hexdigest()  # a data: URI can be megabytes
         with self._lock:
-            key = self._url_keys.get(url)
+            key = self._url_keys.get(ref)
         enc = engine.cache.get(key) if key else None
         if enc is None:
             enc = engine.encode(self.loader.load(url))
             with self._lock:
-                self._url_keys[url] = enc.key
+                self._url_keys[ref] = enc.key
                 while len(self._url_keys) > 10000:
                     self._url_keys.popitem(last=False)
         else:

@@ -12,55 +12,61 @@ import hmac
 import logging
 import threading
 import time
+from collections import OrderedDict
 
 from flask import Flask, Response, g, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 from werkzeug.exceptions import HTTPException
 
-from . import __version__, dispatch, jobs, metrics
+from . import __version__, dispatch, jobs, labelstudio, metrics, wire
 from .config import Settings
 from .engine import Sam3Engine
 from .errors import BackendError
-from .model import Runtime, SAM3Backend, model_version
+from .model import SAM3Backend
+from .runtime import Runtime, model_version
 
 log = logging.getLogger(__name__)
-
-
-def _project_key(project) -> str:
-    # Label Studio sends "<id>.<created_at timestamp>"; the id names the project.
-    return str(project or "").split(".")[0]
+METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}  # metric labels come from fixed sets
 
 
 class Projects:
-    """One backend instance per Label Studio project, rebuilt when its label config changes."""
+    """One backend instance per Label Studio project (the least recently used go past `max_projects`),
+    rebuilt when its label config changes."""
 
     def __init__(self, backend_class, settings: Settings, runtime: Runtime):
         self.backend_class = backend_class
         self.settings = settings
         self.runtime = runtime
-        self._items: dict[str, SAM3Backend] = {}
+        self._items: OrderedDict[str, SAM3Backend] = OrderedDict()
         self._lock = threading.Lock()
 
-    def setup(self, project, schema, hostname="", access_token="", extra_params=None):
+    def setup(self, project: str, schema: str, hostname="", access_token="", extra_params=None):
         model = self.backend_class(
-            project_id=_project_key(project), label_config=schema, hostname=hostname, access_token=access_token,
+            project_id=project, label_config=schema, hostname=hostname, access_token=access_token,
             extra_params=extra_params, settings=self.settings, runtime=self.runtime,
         )
         with self._lock:
-            self._items[_project_key(project)] = model
+            self._items[project] = model
+            self._items.move_to_end(project)
+            while len(self._items) > self.settings.max_projects:
+                self._items.popitem(last=False)
         return model
 
-    def connection(self, project) -> tuple[str, str]:
-        """The Label Studio host and token a project's /setup gave, or empty strings."""
+    def _find(self, project: str):
         with self._lock:
-            model = self._items.get(_project_key(project))
+            model = self._items.get(project)
+            if model is not None:
+                self._items.move_to_end(project)
+            return model
+
+    def connection(self, project: str) -> tuple[str, str]:
+        """The Label Studio host and token a project's /setup gave, or empty strings."""
+        model = self._find(project)
         return (model.hostname, model.access_token) if model else ("", "")
 
-    def get(self, project, label_config):
-        key = _project_key(project)
-        with self._lock:
-            model = self._items.get(key)
+    def get(self, project: str, label_config: str):
+        model = self._find(project)
         if model is not None and (not label_config or label_config == model.label_config):
             return model
         if model is not None:  # the config changed since /setup: keep its connection
@@ -73,9 +79,13 @@ class Projects:
 def create_app(settings: Settings | None = None, engine: Sam3Engine | None = None, backend_class=SAM3Backend) -> Flask:
     """The WSGI app. Without `engine`, SAM 3 loads in a background thread (inside the serving process)."""
     settings = settings or Settings.from_env()
+    problems = settings.problems()
+    if problems:
+        raise ValueError("; ".join(problems))
     runtime = Runtime(settings, engine)
     projects = Projects(backend_class, settings, runtime)
     app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = int(settings.max_body_mb * (1 << 20))  # 413 beyond, before reading it
     app.config["runtime"] = runtime
     app.config["projects"] = projects
     runtime.start_loading()
@@ -89,15 +99,12 @@ def create_app(settings: Settings | None = None, engine: Sam3Engine | None = Non
     else:
         from .store import MemoryStore
 
-        store = MemoryStore()
+        store = MemoryStore(max_jobs=settings.max_jobs)
         runner = dispatch.EmbeddedRunner(settings, runtime, store)
     app.config["jobs"] = store
 
     def body() -> dict:
-        data = request.get_json(silent=True)
-        if not isinstance(data, dict):
-            raise BackendError("request body must be a JSON object")
-        return data
+        return wire.json_object(request.get_data(cache=False))
 
     @app.before_request
     def _start():
@@ -112,7 +119,8 @@ def create_app(settings: Settings | None = None, engine: Sam3Engine | None = Non
     @app.after_request
     def _record(resp):
         route = request.url_rule.rule if request.url_rule else "unmatched"
-        metrics.REQUESTS.labels(route, request.method, str(resp.status_code)).inc()
+        method = request.method if request.method in METHODS else "OTHER"
+        metrics.REQUESTS.labels(route, method, str(resp.status_code)).inc()
         metrics.REQUEST_SECONDS.labels(route).observe(time.perf_counter() - g.get("t0", time.perf_counter()))
         return resp
 
@@ -156,41 +164,31 @@ def create_app(settings: Settings | None = None, engine: Sam3Engine | None = Non
 
     @app.post("/setup")
     def setup():
-        data = body()
-        model = projects.setup(
-            data.get("project"), data.get("schema"), data.get("hostname") or "", data.get("access_token") or "",
-            data.get("extra_params"),
-        )
+        req = wire.Setup.parse(body())
+        model = projects.setup(req.project, req.schema, req.hostname, req.access_token, req.extra_params)
         return jsonify({"model_version": model.model_version})
 
     @app.post("/predict")
     def predict():
-        data = body()
-        tasks = data.get("tasks")
-        if not isinstance(tasks, list) or not tasks:
-            raise BackendError("'tasks' must be a non-empty list of tasks")
-        if not all(isinstance(t, dict) for t in tasks):
-            raise BackendError("every task must be an object")
-        params = data.get("params") or {}
-        if not isinstance(params, dict):
-            raise BackendError("'params' must be an object")
-        model = projects.get(data.get("project"), data.get("label_config"))
-        context = params.get("context")
-        predictions = model.predict(tasks, context=context)
-        if len(predictions) != len(tasks):  # Label Studio pairs results[i] with tasks[i]
-            raise RuntimeError(f"{len(predictions)} predictions for {len(tasks)} tasks")
+        req = wire.Predict.parse(body())
+        model = projects.get(req.project, req.label_config)
+        predictions = model.predict(req.tasks, context=req.context)
+        if len(predictions) != len(req.tasks):  # Label Studio pairs results[i] with tasks[i]
+            raise RuntimeError(f"{len(predictions)} predictions for {len(req.tasks)} tasks")
         return jsonify({"results": predictions, "model_version": model.model_version})
 
     @app.post("/webhook")
     def webhook():
-        data = request.get_json(silent=True) or {}
-        action = data.get("action") if isinstance(data, dict) else None
+        data = body()
+        action = data.get("action")
+        action = action if isinstance(action, str) and len(action) <= 64 else None
         return jsonify({"status": "ok", "action": action, "trained": False}), 200
 
     @app.post("/jobs")
     def create_job():
         data = body()
-        api = dispatch.api_from(settings, *projects.connection(data.get("project")))
+        connection = projects.connection(wire.project_key(data.get("project")))
+        api = labelstudio.api_for(settings, labelstudio.connect(settings, *connection))
         if api is None:
             raise BackendError("no Label Studio connection for jobs: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY, "
                                "or connect this backend to the project in Label Studio first")
@@ -234,12 +232,12 @@ def create_app(settings: Settings | None = None, engine: Sam3Engine | None = Non
 
 
 def _authorized(header: str, settings: Settings) -> bool:
-    if not header.startswith("Basic "):
+    """HTTP Basic credentials, compared as UTF-8 bytes in constant time (any characters allowed)."""
+    if not header.startswith("Basic ") or len(header) > 4096:
         return False
     try:
-        user, _, password = base64.b64decode(header[6:]).decode().partition(":")
-    except (binascii.Error, UnicodeDecodeError):
+        user, _, password = base64.b64decode(header[6:].encode("latin-1"), validate=True).partition(b":")
+    except (binascii.Error, ValueError, UnicodeEncodeError):
         return False
-    return hmac.compare_digest(user, settings.basic_auth_user) and hmac.compare_digest(
-        password, settings.basic_auth_pass
-    )
+    ok_user = hmac.compare_digest(user, settings.basic_auth_user.encode())
+    return hmac.compare_digest(password, settings.basic_auth_pass.encode()) and ok_user

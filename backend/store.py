@@ -10,6 +10,8 @@ import json
 import threading
 import time
 
+from .errors import BackendError
+
 COUNTERS = ("total", "processed", "predicted", "skipped", "failed", "regions_added", "chunks_total", "chunks_done")
 OUTCOMES = ("predicted", "skipped", "failed")
 ACTIVE = ("queued", "running")
@@ -45,9 +47,14 @@ return 0
 
 
 class MemoryStore:
-    """Jobs of this process only (the embedded runner); gone when the process ends."""
+    """Jobs of this process only (the embedded runner); gone when the process ends.
 
-    def __init__(self):
+    At most `max_jobs` are kept: finished jobs go a day after they end, or sooner, oldest first, when
+    room is needed; when every kept job is still active a new one is refused (HTTP 429).
+    """
+
+    def __init__(self, max_jobs: int = 1000, keep_finished: float = 86400.0):
+        self.max_jobs, self.keep_finished = max_jobs, keep_finished
         self._jobs: dict[str, dict] = {}
         self._done: dict[str, set] = {}
         self._errors: dict[str, list] = {}
@@ -57,8 +64,20 @@ class MemoryStore:
 
     def create(self, job_id: str, fields: dict) -> None:
         with self._lock:
+            self._prune()
+            if len(self._jobs) >= self.max_jobs:
+                raise BackendError(f"{len(self._jobs)} jobs are queued or running here; wait for some to finish", 429)
             self._jobs[job_id] = {**{c: 0 for c in COUNTERS}, **fields}
             self._done[job_id], self._errors[job_id], self._workers[job_id] = set(), [], {}
+
+    def _prune(self) -> None:
+        now = time.time()
+        ended = sorted((j.get("finished_at") or now, k) for k, j in self._jobs.items() if j["status"] not in ACTIVE)
+        excess = len(self._jobs) - self.max_jobs + 1
+        for i, (finished_at, job_id) in enumerate(ended):
+            if i < excess or finished_at < now - self.keep_finished:
+                for table in (self._jobs, self._done, self._errors, self._workers, self._chunks):
+                    table.pop(job_id, None)
 
     def get(self, job_id: str) -> dict | None:
         with self._lock:

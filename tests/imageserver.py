@@ -5,16 +5,25 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class ImageServer:
-    def __init__(self, files: dict[str, bytes], token: str | None = None, refresh: dict[str, str] | None = None):
+    def __init__(self, files: dict[str, bytes], token: str | None = None, refresh: dict[str, str] | None = None,
+                 answers: dict[str, tuple[int, dict]] | None = None):
         """`token`: the Authorization value images need ("Token x" or "Bearer y"; a bare value means Token).
-        `refresh`: refresh token -> access token, answered at POST /api/token/refresh/ like Label Studio."""
-        self.files, self.requests, self.refresh = files, [], refresh or {}
+        `refresh`: refresh token -> access token, answered at POST /api/token/refresh/ like Label Studio.
+        `answers`: path -> (status, headers) answered as is (redirects, odd headers), before any check."""
+        self.files, self.requests, self.refresh, self.answers = files, [], refresh or {}, answers or {}
         self.token = token if token is None or " " in token else f"Token {token}"
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):
                 outer.requests.append((self.path, dict(self.headers)))
+                if self.path.split("?")[0] in outer.answers:
+                    status, headers = outer.answers[self.path.split("?")[0]]
+                    self.send_response(status)
+                    for k, v in headers.items():
+                        self.send_header(k, v)
+                    self.end_headers()
+                    return
                 if outer.token and self.headers.get("Authorization") != outer.token:
                     self.send_response(401)
                     self.end_headers()

@@ -32,11 +32,11 @@ def stub(engine, monkeypatch):
     """The real tiny engine (real image encoding), with a detector that returns known masks."""
     calls = []
 
-    def detect(enc, prompts, threshold=0.5, mask_threshold=0.5):
+    def detect(enc, prompts, threshold=0.5, mask_threshold=0.5, max_keep=100):
         calls.append(list(prompts))
         out = []
         for p in prompts:
-            found = [(m, s) for m, s in KNOWN.get(p, []) if s > threshold]
+            found = sorted([(m, s) for m, s in KNOWN.get(p, []) if s > threshold], key=lambda f: -f[1])[:max_keep]
             out.append(Detections(np.array([m for m, _ in found], bool).reshape(-1, H, W),
                                   np.array([s for _, s in found], np.float32), [p] * len(found)))
         return out
@@ -112,7 +112,9 @@ def test_max_detections_and_min_area(stub):
 
 def test_bad_thresholds_are_refused():
     for bad, message in [({"confidence": 1.5}, "between 0 and 1"), ({"speed": 1}, "unknown threshold"),
-                         ({"max_detections": 0}, "at least 1"), ({"confidence": "high"}, "must be numbers")]:
+                         ({"max_detections": 0}, "from 1 to 1000"), ({"confidence": "high"}, "must be a number"),
+                         ({"confidence": float("inf")}, "finite"), ({"min_area": 10**400}, "must be a number"),
+                         ({"confidence": True}, "must be a number"), ({"per_label": {"cat": [1]}}, "must be a number")]:
         with pytest.raises(BackendError, match=message):
             Thresholds.from_dict(bad)
 
@@ -195,7 +197,7 @@ def test_each_image_is_fetched_once_and_results_keep_input_order():
         def encode_many(self, images):
             return [SimpleNamespace(height=2, width=2, image=im) for im in images]
 
-        def detect(self, enc, prompts, threshold=0.5, mask_threshold=0.5):
+        def detect(self, enc, prompts, threshold=0.5, mask_threshold=0.5, max_keep=100):
             return [Detections.empty(2, 2) for _ in prompts]
 
     loads = Counter()
@@ -224,4 +226,6 @@ def test_nms_switch_reads_the_same_words_as_the_environment():
 def test_extra_params_that_are_not_an_object_are_refused_at_setup(settings, engine):
     client = create_app(settings, engine=engine).test_client()
     r = client.post("/setup", json={"project": "9.1", "schema": CONFIG, "extra_params": "ontology=cat"})
+    assert r.status_code == 400 and "extra_params is not valid JSON" in r.get_json()["error"]
+    r = client.post("/setup", json={"project": "9.1", "schema": CONFIG, "extra_params": [1]})
     assert r.status_code == 400 and "extra_params must be a JSON object" in r.get_json()["error"]

@@ -16,10 +16,11 @@ import requests
 import yaml
 from redis import Redis
 
-from backend import cli
+from backend import cli, serving
 from backend.config import Settings
 from backend.labelconfig import LabelConfig
-from backend.model import Runtime, SAM3Backend
+from backend.model import SAM3Backend
+from backend.runtime import Runtime
 from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,7 +72,7 @@ def test_compose_services_reference_the_dockerfile_and_each_other(compose):
     assert services["backend"]["command"] == dockerfile_instruction("CMD") == ["serve"]
     assert services["worker"]["command"] == ["worker"]
     assert "ports" not in services["worker"]  # so `--scale worker=N` works
-    assert services["backend"]["ports"] == ["9090:9090"]
+    assert services["backend"]["ports"] == ["127.0.0.1:9090:9090"]  # published on this machine only
     ls = services["label-studio"]
     assert ls["image"].startswith("heartexlabs/label-studio:")
     assert ls["environment"]["USE_DEFAULT_BANNED_SUBNETS"] == "false"
@@ -112,7 +113,7 @@ def test_env_example_and_compose_name_the_same_variables(compose):
                if line and not line.startswith("#")}
     assert example == used, (sorted(example - used), sorted(used - example))
     required = set(re.findall(r"\$\{(\w+):\?", text))
-    assert required == {"LABEL_STUDIO_API_KEY", "LABEL_STUDIO_PASSWORD"}
+    assert required == {"LABEL_STUDIO_API_KEY", "LABEL_STUDIO_PASSWORD", "BASIC_AUTH_USER", "BASIC_AUTH_PASS"}
 
 
 def service_env(compose, name, **overrides):
@@ -161,7 +162,7 @@ def test_the_images_serve_command_and_healthcheck_work(compose, checkpoint, tmp_
 
     log = run_until_ready(compose["services"]["backend"]["command"], env, tmp_path / "serve.log", healthy,
                           during=lambda: assert_serving(url, checks[-1]))
-    assert "Using worker: gthread" in log
+    assert "Using worker: backend.serving.GuardedThreadWorker" in log
     assert log.count("Booting worker") == 1  # one process holds the model
 
 
@@ -178,6 +179,35 @@ def test_the_images_worker_command_starts_an_rq_worker(compose, checkpoint, tmp_
     assert "loaded" in log  # the model loaded before the worker took jobs
 
 
+@pytest.mark.parametrize("command", [["serve", "--port", "0"], ["worker"], ["label", "--project", "1"]])
+@pytest.mark.parametrize("env, words", [
+    ({"LABEL_STUDIO_API_KEY": "k" * 40}, "LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY go together"),
+    ({"BASIC_AUTH_USER": "u"}, "BASIC_AUTH_USER and BASIC_AUTH_PASS go together"),
+    ({"BASIC_AUTH_PASS": "p"}, "BASIC_AUTH_USER and BASIC_AUTH_PASS go together"),
+])
+def test_commands_refuse_a_configuration_that_leaks_or_skips_auth(checkpoint, command, env, words):
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "BASIC_AUTH_"))}
+    run = subprocess.run([EXE, *command], env={**base, "SAM3_MODEL": checkpoint, "REDIS_URL": REDIS_URL, **env},
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and f"configuration error: {words}" in run.stderr, run.stderr[-2000:]
+
+
+def test_serving_on_every_interface_without_auth_warns(checkpoint, tmp_path):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "BASIC_AUTH_"))}
+    env.update(SAM3_MODEL=checkpoint, DEVICE="cpu", PORT=str(port))
+    log = run_until_ready(["serve", "--host", "0.0.0.0"], env, tmp_path / "serve.log",
+                          lambda: _answers(f"http://127.0.0.1:{port}/health"))
+    assert "serving on 0.0.0.0 without authentication" in log and "BASIC_AUTH_USER" in log
+
+
+def _answers(url) -> bool:
+    try:
+        return requests.get(url, timeout=2).status_code == 200
+    except requests.RequestException:
+        return False
+
+
 def test_the_worker_refuses_to_start_without_redis_or_label_studio(checkpoint):
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "LABEL_STUDIO_URL")}
     run = subprocess.run([EXE, "worker"], env={**env, "SAM3_MODEL": checkpoint}, capture_output=True, text=True)
@@ -189,9 +219,10 @@ def test_the_worker_refuses_to_start_without_redis_or_label_studio(checkpoint):
 
 def test_serving_options_suit_one_gpu():
     args = cli.build_parser().parse_args(["serve"])
-    opts = cli.gunicorn_options(args, Settings())
+    opts = serving.gunicorn_options(args, Settings())
     assert opts["workers"] == 1 and opts["preload_app"] is False  # one process; CUDA never forked
-    assert opts["worker_class"] == "gthread" and opts["threads"] >= 4
+    assert opts["worker_class"] == "backend.serving.GuardedThreadWorker" and opts["threads"] >= 32
+    assert opts["control_socket_disable"] is True
     assert opts["timeout"] >= 600 and opts["graceful_timeout"] >= 60
 
 

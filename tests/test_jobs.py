@@ -389,3 +389,32 @@ def test_label_command_runs_a_job_here_or_queues_it(label_studio, checkpoint, re
     assert shown.returncode == 0 and f'"id": "{job_id}"' in shown.stdout and '"status": "queued"' in shown.stdout
     listed = subprocess.run([exe, "jobs"], env=env, capture_output=True, text=True, timeout=60)
     assert listed.stdout.startswith(job_id) and "queued" in listed.stdout
+
+
+# ---- a task URL written to fool a parser --------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["legacy", "pat"])
+def test_a_job_never_sends_the_token_to_a_crafted_task_url(label_studio, engine, checkpoint, kind):
+    from peers import Capture
+    from test_security import hostile_urls
+
+    url, headers, token = label_studio
+    if kind == "pat":
+        r = requests.post(f"{url}/api/token/", headers=headers)
+        assert r.status_code in (200, 201), r.text
+        token = r.json()["token"]  # a personal access token: refreshed, then sent as Bearer
+    capture = Capture()
+    try:
+        pid, real = make_project(label_studio, n=1)
+        crafted = hostile_urls(url, capture.url)
+        r = requests.post(f"{url}/api/projects/{pid}/import", headers=headers, json=[{"image": u} for u in crafted])
+        assert r.status_code == 201, r.text
+        client = service(engine, checkpoint, url, token)
+        job = wait_job(client, client.post("/jobs", json={"project": pid, "thresholds": THRESHOLDS}).get_json()["job_id"])
+    finally:
+        capture.close()
+    assert capture.connections == 0
+    assert (job["status"], job["predicted"], job["failed"]) == ("succeeded", 1, len(crafted)), job
+    task_ids = sorted(t["id"] for t in requests.get(f"{url}/api/tasks", params={"project": pid, "page_size": 100},
+                                                    headers=headers).json()["tasks"])
+    preds = predictions_by_task(label_studio, task_ids)
+    assert [len(preds[t]) for t in task_ids] == [1] + [0] * len(crafted)  # a failure is not a result

@@ -170,7 +170,7 @@ def test_batch_without_context_gives_one_prediction_per_task_in_order(client):
 @pytest.mark.parametrize(
     "kwargs, status, message",
     [
-        (dict(data="not json", content_type="application/json"), 400, "JSON object"),
+        (dict(data="not json", content_type="application/json"), 400, "not valid JSON"),
         (dict(json=[1, 2]), 400, "JSON object"),
         (dict(json={"label_config": CONFIG}), 400, "'tasks' must be a non-empty list"),
         (dict(json={"tasks": [], "label_config": CONFIG}), 400, "'tasks' must be a non-empty list"),
@@ -195,9 +195,9 @@ def test_unknown_route_and_method_are_json(client):
 @pytest.mark.parametrize(
     "image, status, message",
     [
-        ("http://127.0.0.1:9/x.png", 422, "could not fetch image"),
+        ("http://127.0.0.1:9/x.png", 422, "could not fetch the task's image"),
         ("/data/upload/1/x.png", 422, "no Label Studio URL is known"),
-        ("s3://bucket/x.png", 422, "cannot fetch s3://"),
+        ("s3://bucket/x.png", 422, "s3:// URLs are not fetched"),
         ("data:image/png;base64," + base64.b64encode(b"not an image").decode(), 422, "not a readable image"),
     ],
 )
@@ -214,6 +214,7 @@ def test_oversize_images_are_refused_before_decoding(settings, engine):
     assert r.status_code == 413 and "64x48 pixels, over" in r.get_json()["error"]
     settings.max_image_pixels, settings.max_image_mb = 1e8, 0.001
     server = ImageServer({"/big.png": png_bytes(make_image(200, 200))})
+    settings.allowed_hosts = server.url.split("//")[1]  # a loopback image server, allowed by host:port
     try:
         r = predict(create_app(settings, engine=engine).test_client(), {"result": [keypoint(50, 50)]},
                     image=server.url + "/big.png")
@@ -238,6 +239,7 @@ def test_exif_orientation_is_applied(client, engine, monkeypatch):
 def test_token_goes_to_label_studio_only(settings, engine):
     ls = ImageServer({"/data/upload/3/a.png": png_bytes(make_image())}, token="secret-token")
     other = ImageServer({"/pic.png": png_bytes(make_image(seed=2))})
+    settings.allowed_hosts = other.url.split("//")[1]
     try:
         c = create_app(settings, engine=engine).test_client()
         c.post("/setup", json={"project": "3.1700000000", "schema": CONFIG, "hostname": ls.url,

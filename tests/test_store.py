@@ -105,9 +105,8 @@ def test_retries_honour_retry_after_and_give_up_with_the_last_error(monkeypatch)
 
 
 def test_retry_after_reads_seconds_and_http_dates():
-    class R:
-        def __init__(self, value):
-            self.headers = {"Retry-After": value} if value else {}
+    def R(value):
+        return {"Retry-After": value} if value else {}
 
     assert retry_after(R("3")) == 3.0
     assert retry_after(R(None)) is None
