@@ -76,7 +76,7 @@ _URL = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<authority>[^/?#]*)
 _HOST = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<name>[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?))"
                    r"(?::(?P<port>[0-9]{1,5}))?")
 _NUMERIC_LABEL = re.compile(r"(?:0x[0-9a-f]*|[0-9]+)")
-_UNSAFE = re.compile(r"[\x00-\x20\x7f\\]")
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f\\]")  # control characters and backslashes, anywhere
 
 
 def parse_url(text) -> URL:
@@ -89,6 +89,8 @@ def parse_url(text) -> URL:
     if _UNSAFE.search(text):
         raise Refused("URL contains whitespace, a control character or a backslash")
     m = _URL.fullmatch(text)
+    if m and " " in m["scheme"] + m["authority"]:
+        raise Refused("URL contains whitespace in its host")
     if not m:
         raise Refused("not an absolute http(s) URL")
     scheme = m["scheme"].lower()
@@ -117,8 +119,8 @@ def parse_url(text) -> URL:
                 host = str(ipaddress.IPv4Address(host))
             except ValueError:
                 raise Refused("URL host is a numeric form that is not a canonical IPv4 address") from None
-    # Non-ASCII in the path or query is percent-encoded, as a browser would; the host is already ASCII.
-    target = quote(m["target"] or "/", safe="/?&=%:@!$'()*+,;[]~-._")
+    # Spaces and non-ASCII in the path or query are percent-encoded, as a browser would; the host is ASCII.
+    target = quote(m["target"] or "/", safe="/?&=%:@!$'()*+,;~-._")
     if not target.startswith("/"):
         target = "/" + target
     url = URL(scheme, host, port, target)
@@ -140,7 +142,7 @@ def _same_to_urllib3(url: URL) -> None:
 
 def join(base: URL, location: str) -> URL:
     """A redirect's Location, relative to the URL that answered it, parsed as strictly as any URL."""
-    if not isinstance(location, str) or _UNSAFE.search(location.strip(" \t")):
+    if not isinstance(location, str) or _UNSAFE.search(location.strip(" ")):
         raise Refused("redirect Location is not a clean URL")
     location = location.strip(" \t")
     if "://" in location.split("?", 1)[0]:

@@ -299,6 +299,10 @@ def test_address_policy_units():
         with pytest.raises(Refused):
             parse_url(bad)
     assert str(parse_url("HTTP://Example.com:80/a?b=1#frag")) == "http://example.com/a?b=1"
+    # what real image URLs carry is encoded, not refused: spaces, brackets, non-ASCII in the path or query
+    assert str(parse_url("http://a.b/my photo[1].png?q=ä")) == "http://a.b/my%20photo%5B1%5D.png?q=%C3%A4"
+    with pytest.raises(Refused):
+        parse_url("http://a b/x.png")
 
 
 def test_only_known_image_formats_are_opened(client_factory):
