@@ -138,6 +138,19 @@ def parse_ontology(spec, config: LabelConfig, max_entries: int = 256, max_chars:
     return list(dict.fromkeys(entries))
 
 
+EXTRA_KEYS = ("ontology", "thresholds")
+
+
+def split_extra(spec) -> tuple[object, dict | None]:
+    """(ontology, thresholds) from an ontology in any documented form: bare (Roboflow's three formats)
+    or wrapped as in extra params, `{"ontology": ..., "thresholds": ...}`; JSON text or parsed."""
+    if isinstance(spec, str):
+        spec = parse_json(spec, "ontology") if spec.strip() else None
+    if isinstance(spec, dict) and spec and set(spec) <= set(EXTRA_KEYS) and not isinstance(spec.get("ontology"), str):
+        return spec.get("ontology"), spec.get("thresholds")
+    return spec, None
+
+
 def fingerprint(entries: list[Entry], thresholds: Thresholds) -> str:
     blob = json.dumps([[asdict(e) for e in entries], asdict(thresholds)], sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:6]
@@ -167,17 +180,18 @@ class AutoLabeler:
         self.mask_threshold = mask_threshold
         self.stages = Stages()
 
-    def label(self, enc) -> Detections:
+    def label(self, enc, entries: list[Entry] | None = None) -> Detections:
         """Every instance on one encoded image, labelled, thresholded, de-duplicated, best first."""
         t0 = time.perf_counter()
-        prompts = list(dict.fromkeys(e.prompt for e in self.entries))
+        entries = self.entries if entries is None else entries
+        prompts = list(dict.fromkeys(e.prompt for e in entries))
         # The lowest threshold any entry of a prompt uses, so the engine upsamples only what may be kept.
-        floor = min(self.thresholds.for_label(e.label, e.threshold) for e in self.entries)
+        floor = min(self.thresholds.for_label(e.label, e.threshold) for e in entries)
         found = dict(zip(prompts, self.engine.detect(enc, prompts, floor, self.mask_threshold,
                                                      self.thresholds.max_detections)))
         t1 = time.perf_counter()
         masks, scores, labels = [], [], []
-        for e in self.entries:
+        for e in entries:
             d = found[e.prompt]
             th = self.thresholds.for_label(e.label, e.threshold)
             for m, s in zip(d.masks, d.scores):
@@ -209,12 +223,13 @@ class AutoLabeler:
         chunk: int = 4,
         prefetch: int = 16,
         workers: int = 8,
+        entries_for: Callable[[object], list[Entry]] | None = None,
     ) -> Iterator[tuple[object, object, Detections | None, Exception | None]]:
         """(item, image, detections, error) for each item, in input order.
 
         `load(item)` fetches and decodes an image on a worker thread, once per item; up to `prefetch`
         loads run ahead of the model, so slow image servers overlap with compute. A failed load yields
-        its error, not a crash.
+        its error, not a crash. `entries_for(item)` picks the ontology entries for an item (default all).
         """
         items = list(items)
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sam3-fetch") as pool:
@@ -234,21 +249,42 @@ class AutoLabeler:
                         errors[j] = e
                 self.stages.add("fetch", time.perf_counter() - t0)
                 t1 = time.perf_counter()
-                encs = self.engine.encode_many([images[j] for j in images]) if images else []
+                by_index = self._encode(images, errors)
                 self.stages.add("encode", time.perf_counter() - t1)
-                by_index = dict(zip(images, encs))
                 for j in batch:
                     if j in errors:
-                        yield items[j], None, None, errors[j]
+                        yield items[j], images.get(j), None, errors[j]
                         continue
                     try:
-                        dets = self.label(by_index[j])
+                        dets = self.label(by_index[j], entries_for(items[j]) if entries_for else None)
                     except Exception as e:
                         log.exception("labelling item %s failed", j)
                         yield items[j], images[j], None, e
                         continue
                     self.stages.images += 1
                     yield items[j], images[j], dets, None
+
+
+    def _encode(self, images: dict, errors: dict) -> dict:
+        """Encodings by index: one batched ViT pass, or, when that fails (out of memory, one bad image),
+        one image at a time, so that only the images that fail alone fail."""
+        if not images:
+            return {}
+        try:
+            return dict(zip(images, self.engine.encode_many(list(images.values()))))
+        except Exception as e:
+            if len(images) == 1:
+                errors.update({j: e for j in images})
+                return {}
+            log.warning("batch encode of %d images failed (%s: %s); encoding one at a time", len(images),
+                        type(e).__name__, e)
+        out = {}
+        for j, image in images.items():
+            try:
+                out[j] = self.engine.encode_many([image])[0]
+            except Exception as e:
+                errors[j] = e
+        return out
 
 
 def group_by_label(dets: Detections) -> dict[str, Detections]:

@@ -81,6 +81,10 @@ def _predict(args) -> int:
         settings.device = args.device
     logging.basicConfig(level=settings.log_level, format="%(levelname)s %(name)s: %(message)s")
     ontology = _ontology(args.prompt) or {}
+    if not ontology and not args.config:
+        print("error: give at least one --prompt (e.g. --prompt cat), or a label config with --config",
+              file=sys.stderr)
+        return 2
     if args.config:
         xml = Path(args.config).read_text()
     else:
@@ -97,8 +101,8 @@ def _predict(args) -> int:
         print(f"error: {e.message}", file=sys.stderr)
         return 2
 
-    def load_file(task):  # local files here; the HTTP service never reads the local disk
-        path = Path(task["data"]["image"])
+    def load_file(task, image=None):  # local files here; the HTTP service never reads the local disk
+        path = Path(task["data"][model.config.images.get(image, model.config.value_key)])
         try:
             data = path.read_bytes()
         except OSError as e:
@@ -107,18 +111,28 @@ def _predict(args) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tasks = [{"id": i, "data": {"image": str(Path(p).resolve())}} for i, p in enumerate(args.images, 1)]
-    for task, image, prediction in model.iter_predictions(tasks, load=load_file):
-        path = Path(task["data"]["image"])
-        (out / f"{path.stem}.json").write_text(json.dumps({"data": task["data"], "predictions": [prediction]}, indent=1))
-        if image is None:
-            print(f"{path}: not an image it could read (see the log); empty prediction written", file=sys.stderr)
+    key = model.config.value_key
+    tasks = [{"id": i, "data": {key: str(Path(p).resolve())}} for i, p in enumerate(args.images, 1)]
+    failed = regions = 0
+    for task, images, prediction, error in model.iter_predictions(tasks, load=load_file):
+        path = Path(task["data"][key])
+        if error is not None:
+            failed += 1
+            (out / f"{path.stem}.json").write_text(json.dumps({"data": task["data"], "error": str(error)}, indent=1))
+            print(f"{path}: {getattr(error, 'message', error)}", file=sys.stderr)
             continue
-        draw(image, prediction["result"]).save(out / f"{path.stem}.png")
+        (out / f"{path.stem}.json").write_text(json.dumps({"data": task["data"], "predictions": [prediction]}, indent=1))
+        draw(next(iter(images.values())), prediction["result"]).save(out / f"{path.stem}.png")
         counts = Counter(r["value"][r["type"]][0] for r in prediction["result"])
+        regions += len(prediction["result"])
         print(f"{path.name}: {len(prediction['result'])} regions {dict(counts) or ''} -> {out / path.stem}.json/.png")
     print(f"model_version {model.model_version}; {engine.vit_passes} ViT passes for {len(tasks)} images")
-    return 0
+    if not regions and failed < len(tasks):
+        print(f"no instance scored above {model.thresholds.confidence}: try a lower --threshold (a checkpoint with "
+              "random weights, like the tiny test one, scores about 0.25)", file=sys.stderr)
+    if failed:
+        print(f"{failed} of {len(tasks)} images could not be read", file=sys.stderr)
+    return 1 if failed == len(tasks) else 0
 
 
 def _ontology(specs: list[str]) -> dict | None:

@@ -122,24 +122,25 @@ class Sam3Engine:
         self.detector = self.tracker = self.processor = None
 
     # ---- loading -------------------------------------------------------------------------
-    def load(self) -> "Sam3Engine":
+    def load(self, local_files_only: bool = False) -> "Sam3Engine":
         from transformers import Sam3Model, Sam3Processor, Sam3TrackerModel, Sam3TrackerProcessor
         from transformers.utils import logging as hf_logging
 
         t0 = time.perf_counter()
-        detector = Sam3Model.from_pretrained(self.model_id, dtype=self.dtype)
+        kw = {"local_files_only": local_files_only}
+        detector = Sam3Model.from_pretrained(self.model_id, dtype=self.dtype, **kw)
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # "sam3_video checkpoint into sam3_tracker" is expected
         try:
-            tracker = Sam3TrackerModel.from_pretrained(self.model_id, dtype=self.dtype)
+            tracker = Sam3TrackerModel.from_pretrained(self.model_id, dtype=self.dtype, **kw)
         finally:
             hf_logging.set_verbosity(verbosity)
         # One ViT for both heads: their weights are equal in the checkpoint.
         tracker.vision_encoder.backbone = detector.vision_encoder.backbone
         self.detector = detector.to(self.device).eval()
         self.tracker = tracker.to(self.device).eval()
-        self.processor = Sam3Processor.from_pretrained(self.model_id)
-        self.tracker_processor = Sam3TrackerProcessor.from_pretrained(self.model_id)
+        self.processor = Sam3Processor.from_pretrained(self.model_id, **kw)
+        self.tracker_processor = Sam3TrackerProcessor.from_pretrained(self.model_id, **kw)
         self.image_size = self.processor.image_processor.size["height"]
         log.info("loaded %s on %s (%s) in %.1fs", self.model_id, self.device, self.dtype, time.perf_counter() - t0)
         return self

@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 
+import numpy as np
 import requests
 from PIL import Image, ImageOps
 
@@ -26,6 +27,19 @@ Image.MAX_IMAGE_PIXELS = None  # we apply our own, clearer, limit (from the head
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # what a labelling tool needs; never EPS/PS
 _DECODING = threading.BoundedSemaphore(4)  # full-size decodes at once: each can take hundreds of MB
 FETCH_FAILED = "could not fetch the task's image (the backend's log has the details)"
+
+
+WIDE_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}  # 16-bit, 32-bit and float grey images
+
+
+def _stretch(img: Image.Image) -> Image.Image:
+    """A 16/32-bit or float grey image as 8-bit RGB, scaled by its own range (Pillow's convert clips at 255,
+    which turns a 16-bit image almost white)."""
+    a = np.asarray(img, dtype=np.float32)
+    finite = np.isfinite(a)
+    lo, hi = (float(a[finite].min()), float(a[finite].max())) if finite.any() else (0.0, 0.0)
+    scaled = np.where(finite, (a - lo) * (255.0 / (hi - lo)) if hi > lo else 0.0, 0.0)
+    return Image.fromarray(np.clip(scaled + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
 
 
 def _short(ref: str) -> str:
@@ -115,6 +129,8 @@ class ImageLoader:
                 raise ImageError(f"{name} is {w}x{h} pixels, over the {self.max_pixels / 1e6:.0f} MP limit", 413)
             with _DECODING:
                 img = ImageOps.exif_transpose(img)  # the orientation Label Studio shows
+                if img.mode in WIDE_MODES:
+                    return _stretch(img)
                 return img.convert("RGB")
         except ImageError:
             raise

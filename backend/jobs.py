@@ -27,7 +27,7 @@ from .config import Settings, parse_bool
 from .errors import BackendError
 from .labelstudio import LabelStudioAPI
 from .model import SAM3Backend
-from .runtime import Runtime, model_version
+from .runtime import Runtime
 from .autolabel import Stages
 from .retry import Backoff, Transient
 from .store import ACTIVE, STATUSES
@@ -251,19 +251,20 @@ def run_chunk(ctx: Context, job_id: str, task_ids: list[int]) -> Stages | None:
                             f"(model_version {backend.model_version}); the job needs {job['model_version']}")
         return None
     req, mv = job["request"], job["model_version"]
-    own_prefix = model_version(ctx.settings, ctx.runtime.fingerprint)
+    own_prefix = ctx.runtime.model_version
     done = store.done(job_id)
     todo = [t for t in task_ids if t not in done]
     fetched: dict[int, dict] = {}
 
-    def load(tid):
-        task = api.task(tid)
-        fetched[tid] = task
+    def load(tid, image):
+        if tid not in fetched:  # read once per task, however many images it has
+            fetched[tid] = api.task(tid)
+        task = fetched[tid]
         if task.get("annotations"):
             raise Skip("annotated")
         if not req["overwrite"] and _has_prediction(task, mv):
             raise Skip("already predicted by this model_version")
-        return backend.load_task_image(task)
+        return backend.load_task_image(task, image)
 
     pending: dict[int, dict] = {}
     cancelled = False
@@ -286,7 +287,7 @@ def run_chunk(ctx: Context, job_id: str, task_ids: list[int]) -> Stages | None:
         labeler.stages.add("upload", time.perf_counter() - t0)
 
     try:
-        for task_id, _, dets, error in labeler.run(todo, load):
+        for task_id, _, prediction, error in backend.label_tasks(labeler, todo, load):
             ctx.heartbeat()
             if isinstance(error, Skip):
                 store.finish(job_id, "skipped", {task_id: 0}, ctx.worker)
@@ -295,9 +296,7 @@ def run_chunk(ctx: Context, job_id: str, task_ids: list[int]) -> Stages | None:
                 log.warning("job %s: task %s failed: %s", job_id, task_id, error)
                 store.finish(job_id, "failed", {task_id: 0}, ctx.worker)
             else:
-                t0 = time.perf_counter()
-                pending[task_id] = backend.prediction_for(dets)
-                labeler.stages.add("regions", time.perf_counter() - t0)
+                pending[task_id] = prediction
             if len(pending) >= ctx.settings.post_batch:
                 flush()
             if store.status(job_id) not in ACTIVE:

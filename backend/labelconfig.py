@@ -35,10 +35,11 @@ class Control:
 
 @dataclass
 class LabelConfig:
-    image: str  # name of the Image object
-    value_key: str  # task data key holding the image URL ("image" for value="$image")
+    image: str  # name of the first Image object an output control labels (the default for prompts)
+    value_key: str  # task data key holding that image's URL ("image" for value="$image")
     outputs: list[Control]  # preference order: polygons, brushes, boxes
     prompts: dict[str, Control]  # by control name
+    images: dict[str, str] = field(default_factory=dict)  # every Image object labelled here -> its data key
 
     @classmethod
     def parse(cls, xml: str) -> "LabelConfig":
@@ -80,24 +81,33 @@ class LabelConfig:
         order = list(OUTPUT_TYPES)
         outputs.sort(key=lambda c: order.index(c.tag))
         prompts = {c.name: c for c, a in controls if c.tag in PROMPT_TAGS}
+        keys = {o.name: (o.value or "").lstrip("$") for o in images}
+        labelled = {name: keys[name] for name in dict.fromkeys(c.to_name for c in outputs)}
         image = outputs[0].to_name
-        obj = next(o for o in images if o.name == image)
-        value = (obj.value or "").lstrip("$")
-        return cls(image=image, value_key=value, outputs=outputs, prompts=prompts)
+        return cls(image=image, value_key=keys[image], outputs=outputs, prompts=prompts, images=labelled)
 
     @property
     def labels(self) -> list[str]:
         """Every label an output control can carry, in config order, without repeats."""
         return list(dict.fromkeys(label for c in self.outputs for label in c.labels))
 
-    def output_for(self, label: str) -> Control:
-        """The output control that carries `label` (polygon before brush before box)."""
-        for c in self.outputs:
+    def outputs_on(self, image: str) -> list[Control]:
+        return [c for c in self.outputs if c.to_name == image]
+
+    def labels_on(self, image: str) -> list[str]:
+        return list(dict.fromkeys(label for c in self.outputs_on(image) for label in c.labels))
+
+    def output_for(self, label: str, image: str | None = None) -> Control:
+        """The output control that carries `label` on `image` (polygon before brush before box)."""
+        outputs = self.outputs if image is None else self.outputs_on(image)
+        for c in outputs:
             if label in c.labels:
                 return c
+        where = f" on image {image!r}" if image is not None and len(self.images) > 1 else ""
+        valid = self.labels if image is None else self.labels_on(image)
         raise BackendError(
-            f"label {label!r} is not in any output control ({', '.join(c.name for c in self.outputs)}); "
-            f"add it to the PolygonLabels/BrushLabels/RectangleLabels, or choose one of: {', '.join(self.labels)}"
+            f"label {label!r} is not in any output control{where} ({', '.join(c.name for c in outputs)}); "
+            f"add it to the PolygonLabels/BrushLabels/RectangleLabels, or choose one of: {', '.join(valid)}"
         )
 
     def label_for_text(self, text: str) -> str | None:

@@ -147,6 +147,41 @@ class LabelStudio:
         self._access = access
         self._access_exp = _jwt_exp(access) or time.time() + 240
 
+    def check(self, project: str, timeout: float = 2.0) -> None:
+        """Can this token read the project (and so its media)? BackendError (424) saying what to set if not.
+
+        Label Studio sends /setup the project creator's legacy token even where legacy tokens are disabled
+        (the default since 1.20): without this check every image is refused later, one task at a time.
+        A Label Studio that is merely slow to answer is given the benefit of the doubt.
+        """
+        key = (project, self.token)
+        if _checked.get(key, 0) > time.monotonic():
+            return
+        path = f"/api/projects/{int(project)}" if project.isdigit() else "/api/current-user/whoami"
+        fix = ("set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY on the backend (a personal access token from "
+               "Account & Settings in Label Studio)")
+        try:
+            r = self.api("GET", path, timeout=timeout)
+        except Transient as e:
+            if "ConnectionError" in str(e):
+                raise BackendError(f"this backend cannot reach Label Studio at {self.url}, the address Label Studio "
+                                   f"gave it: {fix}", 424) from None
+            log.warning("could not check the token with Label Studio at %s: %s", self.url, e)
+            return
+        except BackendError as e:  # the personal access token was refused at refresh
+            raise BackendError(f"{e.message}", 424) from None
+        if r.status in (401, 403):
+            detail = ""
+            try:
+                detail = str(r.json().get("detail") or "")[:200]
+            except (ValueError, AttributeError):
+                pass
+            raise BackendError(f"Label Studio at {self.url} refused the token this backend was given (HTTP {r.status}"
+                               f"{': ' + detail if detail else ''}), so it cannot read the project's images: {fix}",
+                               424)
+        if r.status < 300:
+            _checked[key] = time.monotonic() + 60
+
     # ---- API calls built here ------------------------------------------------------------------
     def api(self, method: str, path: str, *, params: dict | None = None, timeout: float = 60.0,
             **kw) -> outbound.Reply:
@@ -164,6 +199,7 @@ class LabelStudio:
             raise BackendError(f"{method} {path}: {e}", 502) from None
 
 
+_checked: dict[tuple, float] = {}  # (project, token) -> until when a passed check holds
 _env_cache: dict[tuple, LabelStudio] = {}
 _env_lock = threading.Lock()
 

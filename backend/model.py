@@ -20,7 +20,7 @@ from .labelconfig import LabelConfig
 from .prompts import Prompt, parse_context
 from .retry import Backoff
 from .regions import to_regions
-from .runtime import Runtime, model_version
+from .runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -48,17 +48,23 @@ class SAM3Backend(LabelStudioMLBase):
         extra = self.extra_params
         if not isinstance(extra, dict):
             raise BackendError("extra_params must be a JSON object, e.g. {\"ontology\": {...}, \"thresholds\": {...}}")
+        unknown = sorted(str(k)[:50] for k in extra if k not in autolabel.EXTRA_KEYS)
+        if unknown:
+            raise BackendError(f"unknown extra param(s) {unknown}; known: {', '.join(autolabel.EXTRA_KEYS)}")
+        env_ontology, env_thresholds = autolabel.split_extra(s.ontology)  # SAM3_ONTOLOGY, bare or wrapped
         base = Thresholds(confidence=s.text_threshold, max_detections=s.max_detections, min_area=s.min_area,
                           nms=s.nms, nms_iou=s.nms_iou)
-        self.thresholds = Thresholds.from_dict(extra.get("thresholds"), base)
-        spec = extra.get("ontology") or s.ontology or None
+        self.thresholds = Thresholds.from_dict(extra.get("thresholds"), Thresholds.from_dict(env_thresholds, base))
+        spec = extra.get("ontology") or env_ontology or None
         self.ontology = (autolabel.parse_ontology(spec, self.config, s.max_ontology, s.max_prompt_chars)
                          if self.config is not None else None)
 
     @property
     def model_version(self) -> str:
         """Changes with the checkpoint, the ontology or the thresholds, and only with them."""
-        base = model_version(self.settings, self.runtime.fingerprint)
+        base = self.runtime.model_version
+        if base is None:
+            self.runtime.wait(0)  # raises: loading or failed, with the reason
         if self.ontology is None:
             return base
         return f"{base}-{autolabel.fingerprint(self.ontology, self.thresholds)}"
@@ -75,39 +81,76 @@ class SAM3Backend(LabelStudioMLBase):
         return self.predict_batch(tasks)
 
     def predict_batch(self, tasks: list[dict]) -> list[dict]:
-        """Every instance of every label in each task's image; one prediction per task, in order.
+        """Every instance of every label in each task's images; one answer per task, in order.
 
-        A task whose image cannot be read gets an empty prediction (logged with its id); the rest go on.
+        A task that could not be labelled gets an answer without "result" (its "error" says why), which
+        Label Studio does not store: the task stays unlabelled and a later Retrieve Predictions tries it
+        again, instead of skipping it forever as predicted by this model_version.
         """
-        return [prediction for _, _, prediction in self.iter_predictions(tasks)]
+        return [prediction if error is None else self.failure(error)
+                for _, _, prediction, error in self.iter_predictions(tasks)]
 
-    def iter_predictions(self, tasks: list[dict], load=None):
-        """(task, image or None, prediction) in task order; `load(task)` defaults to fetching its image URL."""
+    def failure(self, error: Exception) -> dict:
+        return {"model_version": self.model_version, "error": getattr(error, "message", None) or str(error)}
+
+    def iter_predictions(self, tasks: list, load=None):
+        """(task, {image name: image}, prediction or None, error or None) in task order."""
         labeler = self.auto_labeler(self.runtime.wait(timeout=300))
-        for task, image, dets, error in labeler.run(tasks, load or self.load_task_image):
-            if error is not None:
-                log.warning("task %s: no prediction: %s", task.get("id"), getattr(error, "message", error))
-                yield task, image, self._prediction([], 0.0)
-            else:
-                yield task, image, self.prediction_for(dets)
+        yield from self.label_tasks(labeler, tasks, load or self.load_task_image)
         log.info("predicted %d tasks: %s", len(tasks), labeler.stages)
+
+    def label_tasks(self, labeler: AutoLabeler, tasks: list, load):
+        """Label each task's images (one per Image object that an output control labels) and assemble
+        one prediction per task; `load(task, image name)` gives a decoded image.
+
+        Yields (task, images, prediction, None), or (task, images, None, error) when any of its images
+        failed: a failure is never turned into an empty result.
+        """
+        entries = {name: [e for e in self.ontology if e.label in self.config.labels_on(name)]
+                   for name in self.config.images}
+        names = [name for name in self.config.images if entries[name]]  # images no prompt labels: not fetched
+        units = [(i, name) for i in range(len(tasks)) for name in names]
+        dets, images, error = {}, {}, None
+        for (i, name), image, found, err in labeler.run(units, lambda u: load(tasks[u[0]], u[1]),
+                                                          entries_for=lambda u: entries[u[1]]):
+            images[name], dets[name] = image, found
+            error = error or err
+            if name != names[-1]:
+                continue
+            task = tasks[i]
+            if error is not None:
+                tid = task.get("id") if isinstance(task, dict) else task
+                log.warning("task %s: no prediction: %s", tid, getattr(error, "message", error))
+                yield task, images, None, error
+            else:
+                t0 = time.perf_counter()
+                prediction = self.prediction_for(dets)
+                labeler.stages.add("regions", time.perf_counter() - t0)
+                yield task, images, prediction, None
+            dets, images, error = {}, {}, None
+        if not names:
+            for task in tasks:
+                yield task, {}, self._prediction([], 0.0), None
 
     def auto_labeler(self, engine) -> AutoLabeler:
         return AutoLabeler(engine, self.ontology, self.thresholds, self.settings.mask_threshold)
 
-    def prediction_for(self, dets: Detections) -> dict:
-        """Regions for every output control that carries each label; overall score = mean instance score."""
+    def prediction_for(self, dets: dict[str, Detections]) -> dict:
+        """Regions in every output control that labels each image and carries each label; overall score =
+        mean instance score."""
         s = self.settings
-        regions = []
-        for label, group in autolabel.group_by_label(dets).items():
-            for control in self.config.outputs:
-                if label in control.labels:
-                    regions += to_regions(group, control, tolerance=s.polygon_tolerance, min_area=s.min_piece_area)
-        score = float(np.mean(dets.scores)) if len(dets) else 0.0
-        return self._prediction(regions, score)
+        regions, scores = [], []
+        for image, found in dets.items():
+            scores += list(found.scores)
+            for label, group in autolabel.group_by_label(found).items():
+                for control in self.config.outputs_on(image):
+                    if label in control.labels:
+                        regions += to_regions(group, control, tolerance=s.polygon_tolerance,
+                                              min_area=s.min_piece_area)
+        return self._prediction(regions, float(np.mean(scores)) if scores else 0.0)
 
-    def load_task_image(self, task: dict):
-        return self.loader.load(self._image_url(task))
+    def load_task_image(self, task: dict, image: str | None = None):
+        return self.loader.load(self._image_url(task, image))
 
     def predict_interactive(self, task: dict, context: dict) -> dict:
         s = self.settings
@@ -115,15 +158,16 @@ class SAM3Backend(LabelStudioMLBase):
         prompt = parse_context(context, self.config, s.max_prompts, s.max_prompt_chars)
         if prompt.empty:
             return self._prediction([], 0.0)  # every prompt was removed: nothing to fetch or encode
-        label = self._label(prompt)
-        control = self.config.output_for(label)
-        url = self._image_url(task)
+        image = prompt.image or self.config.image  # the Image the annotator clicked on
+        label = self._label(prompt, image)
+        control = self.config.output_for(label, image)
+        url = self._image_url(task, image)
         engine = self.runtime.wait(timeout=120)
         enc = self._encoding(engine, url)
         t0 = time.perf_counter()
-        if prompt.text:
-            dets = engine.detect(enc, [prompt.text], s.text_threshold, s.mask_threshold,
-                                 self.thresholds.max_detections)[0].with_label(label)
+        if prompt.text:  # every instance, under the project's thresholds (the same rule as batch and jobs)
+            labeler = self.auto_labeler(engine)
+            dets = labeler.label(enc, [autolabel.Entry(prompt.text, label)])
         elif len(prompt.boxes) > 1:  # several boxes: one object each
             parts = [engine.segment(enc, box=b, mask_threshold=s.mask_threshold)
                      for b in prompt.boxes_px(enc.width, enc.height)]
@@ -141,14 +185,14 @@ class SAM3Backend(LabelStudioMLBase):
     def _prediction(self, regions: list[dict], score: float) -> dict:
         return {"result": regions, "score": round(score, 4), "model_version": self.model_version}
 
-    def _label(self, prompt: Prompt) -> str:
+    def _label(self, prompt: Prompt, image: str) -> str:
         if prompt.label:
             return prompt.label
         if prompt.text:
             label = self.config.label_for_text(prompt.text)
             if label:
                 return label
-        labels = self.config.labels
+        labels = self.config.labels_on(image)
         if len(labels) == 1:
             return labels[0]
         raise BackendError(
@@ -156,11 +200,11 @@ class SAM3Backend(LabelStudioMLBase):
             f"(one of: {', '.join(labels)})"
         )
 
-    def _image_url(self, task: dict) -> str:
+    def _image_url(self, task: dict, image: str | None = None) -> str:
         data = task.get("data")
         if not isinstance(data, dict):
             raise BackendError(f"task {task.get('id')} has no data object")
-        key = self.config.value_key
+        key = self.config.images.get(image, self.config.value_key) if image else self.config.value_key
         if key not in data:
             raise BackendError(f"task {task.get('id')} data has no {key!r} field (the Image's value=\"${key}\")")
         if not isinstance(data[key], str):

@@ -21,6 +21,7 @@ class Prompt:
     boxes: list[tuple[float, float, float, float]] = field(default_factory=list)  # percent x0, y0, x1, y1
     text: str = ""
     label: str | None = None  # the label the annotator had selected
+    image: str | None = None  # the Image object the prompts were made on
 
     @property
     def empty(self) -> bool:
@@ -73,6 +74,14 @@ def parse_context(context, config: LabelConfig, max_prompts: int = 64, max_chars
             raise BackendError(f"{where}: unknown control {str(name)[:50]!r} (prompt controls in this config: {known})")
         if not isinstance(rtype, str):
             raise BackendError(f"{where}.type must be a string")
+        image = region.get("to_name")
+        image = image if isinstance(image, str) and image in config.images else config.prompts[name].to_name
+        if image not in config.images:
+            raise BackendError(f"{where}: no output control labels image {image!r}; add a PolygonLabels, "
+                               "BrushLabels or RectangleLabels with toName=\"" + image + "\"")
+        if prompt.image not in (None, image):
+            raise BackendError(f"{where}: prompts on two images ({prompt.image!r}, {image!r}) in one request")
+        prompt.image = image
         rtype = rtype.lower()
         value = region.get("value")
         if not isinstance(value, dict):

@@ -24,7 +24,7 @@ from .config import Settings
 from .engine import Sam3Engine
 from .errors import BackendError
 from .model import SAM3Backend
-from .runtime import Runtime, model_version
+from .runtime import Runtime
 
 log = logging.getLogger(__name__)
 METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}  # metric labels come from fixed sets
@@ -127,45 +127,56 @@ def create_app(settings: Settings | None = None, engine: Sam3Engine | None = Non
     @app.errorhandler(BackendError)
     def _backend_error(e: BackendError):
         log.info("%s %s -> %d: %s", request.method, request.path, e.status, e.message)
-        return jsonify({"error": e.message}), e.status
+        return error_response(e.message, e.status)
 
     @app.errorhandler(RedisError)
     def _redis_error(e: RedisError):
         log.error("Redis error on %s %s: %s", request.method, request.path, e)
-        return jsonify({"error": f"the job store (Redis) is not answering: {type(e).__name__}"}), 503
+        return error_response(f"the job store (Redis) is not answering: {type(e).__name__}", 503)
 
     @app.errorhandler(HTTPException)
     def _http_error(e: HTTPException):
-        return jsonify({"error": f"{e.name}: {e.description}"}), e.code
+        return error_response(f"{e.name}: {e.description}", e.code)
 
     @app.errorhandler(Exception)
     def _unexpected(e: Exception):
         log.exception("unhandled error on %s %s", request.method, request.path)
-        return jsonify({"error": f"internal error ({type(e).__name__}); see the backend's log"}), 500
+        return error_response(f"internal error ({type(e).__name__}); see the backend's log", 500)
 
     @app.get("/")
     @app.get("/health")
     def health():
+        """200 only once the model is loaded: Label Studio and the container health check both read it."""
         eng = runtime.engine
-        return jsonify(
+        ready = runtime.state == "ready"
+        body = jsonify(
             {
-                "status": "UP",
+                "status": "UP" if ready else runtime.state.upper(),
                 "model_class": backend_class.__name__,
                 "model_state": runtime.state,  # loading | ready | failed
-                "model_loaded": runtime.state == "ready",
+                "model_loaded": ready,
                 "model": settings.model,
-                "model_version": model_version(settings, runtime.fingerprint),
+                "model_version": runtime.model_version,
                 "device": str(eng.device) if eng else settings.device,
                 "error": runtime.error or None,
+                "retry_in_seconds": max(0, round(runtime.retry_at - time.time())) if runtime.retry_at else None,
                 "version": __version__,
                 "v2": True,
             }
         )
+        if ready:
+            return body
+        reason = runtime.error or "SAM 3 model is loading"
+        body.status = f"503 {_reason(reason)}"
+        return body
 
     @app.post("/setup")
     def setup():
+        runtime.wait(0)  # Label Studio shows Connected only for a backend that can answer
         req = wire.Setup.parse(body())
         model = projects.setup(req.project, req.schema, req.hostname, req.access_token, req.extra_params)
+        if model.connection is not None and req.project:
+            model.connection.check(req.project)  # says now, where the admin sees it, if images will be refused
         return jsonify({"model_version": model.model_version})
 
     @app.post("/predict")
@@ -229,6 +240,19 @@ def create_app(settings: Settings | None = None, engine: Sam3Engine | None = Non
         return Response(generate_latest(metrics.REGISTRY), mimetype=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _reason(message: str) -> str:
+    """An HTTP reason phrase carrying the message: Label Studio drops the body of a non-2xx answer and shows
+    only requests' "<code> Client Error: <reason> for url: ...", so the reason is where the person reads it."""
+    text = "".join(c if " " <= c <= "~" else "?" for c in message.replace("\n", " "))
+    return text[:400].strip() or "error"
+
+
+def error_response(message: str, status: int) -> Response:
+    resp = jsonify({"error": message})
+    resp.status = f"{status} {_reason(message)}"
+    return resp
 
 
 def _authorized(header: str, settings: Settings) -> bool:

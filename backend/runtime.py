@@ -1,10 +1,16 @@
-"""The process-wide model: loaded once in the background, and the identity of its checkpoint."""
+"""The process-wide model: loaded once in the background, retried while it fails, and the identity of
+its weights (which `model_version` carries)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
+import socket
 import threading
+import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from . import metrics
 from .config import Settings
@@ -12,58 +18,163 @@ from .engine import Sam3Engine
 from .errors import BackendError
 
 log = logging.getLogger(__name__)
+WEIGHTS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
 
 
-def checkpoint_fingerprint(model: str) -> str:
-    """Identity of the weights: a local folder by its config and weight files, a hub id by name."""
-    path = Path(model)
+def _cache_file() -> Path:
+    base = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "label-studio-sam3" / "fingerprints.json"
+
+
+def _file_digest(path: Path, cache: dict) -> str:
+    """A file's content hash, remembered by (path, size, mtime) so a restart does not re-read gigabytes."""
+    st = path.stat()
+    key = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    if key not in cache:
+        h = hashlib.blake2b(digest_size=16)
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+        cache[key] = h.hexdigest()
+    return cache[key]
+
+
+def checkpoint_fingerprint(folder: str | os.PathLike) -> str:
+    """Identity of a checkpoint folder: its config and the content of its weight files."""
+    path = Path(folder)
+    cache_path = _cache_file()
+    try:
+        cache = json.loads(cache_path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    before = len(cache)
     h = hashlib.sha1()
-    if path.is_dir():
-        cfg = path / "config.json"
-        h.update(cfg.read_bytes() if cfg.exists() else b"")
-        for f in sorted(path.glob("*.safetensors")):
-            h.update(f"{f.name}:{f.stat().st_size}".encode())
-    else:
-        h.update(model.encode())
+    cfg = path / "config.json"
+    h.update(cfg.read_bytes() if cfg.exists() else b"")
+    for f in sorted({f for pattern in WEIGHTS for f in path.glob(pattern)}):
+        h.update(f"{f.name}:{_file_digest(f, cache)}".encode())
+    if len(cache) != before:
+        try:
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            cache_path.write_text(json.dumps(cache))
+        except OSError:  # a read-only home: hashed again next start, still correct
+            pass
     return h.hexdigest()[:8]
 
 
 def model_version(settings: Settings, fingerprint: str) -> str:
-    """Changes when the checkpoint changes, and only then."""
+    """Changes when the weights change, and only then."""
     name = Path(settings.model.rstrip("/")).name or "sam3"
     return f"{name}-{fingerprint}"
 
 
+def _looks_like_path(model: str) -> bool:
+    return model.startswith(("/", "./", "../", "~")) or os.path.exists(model) or model.count("/") > 1
+
+
+def checkpoint_folder(model: str) -> Path:
+    """The folder the weights were loaded from: the path itself, or the hub snapshot of the resolved revision."""
+    if _looks_like_path(model):
+        return Path(os.path.expanduser(model))
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(model, "config.json")
+    if not isinstance(found, str):
+        raise BackendError(f"{model}: no downloaded snapshot in the Hugging Face cache")
+    return Path(found).parent  # .../snapshots/<commit>: a new revision is a new folder
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    host = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def load_engine(settings: Settings) -> Sam3Engine:
+    """The engine, or a BackendError that says what to do: a missing folder, an unreachable or gated hub."""
+    model = settings.model
+    engine = Sam3Engine(model, settings.device, int(settings.cache_mb * (1 << 20)))
+    if _looks_like_path(model):
+        folder = Path(os.path.expanduser(model))
+        if not (folder / "config.json").is_file():
+            what = "no config.json in that folder" if folder.is_dir() else "no such folder"
+            raise BackendError(f"SAM3_MODEL={model}: {what} (a SAM 3 checkpoint folder holds config.json, "
+                               "model.safetensors and the processor files)")
+        return engine.load()
+    try:
+        return engine.load(local_files_only=True)  # already downloaded: no network at all
+    except OSError:
+        pass
+    if not _hub_reachable():
+        raise BackendError(
+            f"SAM3_MODEL={model} is a Hugging Face hub id, but the hub cannot be reached from here and the "
+            f"weights are not in the cache. Download them where the hub is reachable (huggingface-cli download "
+            f"{model} --local-dir /models/sam3, after accepting the licence) and set SAM3_MODEL=/models/sam3")
+    try:
+        return engine.load()
+    except OSError as e:
+        raise BackendError(
+            f"could not load {model} from the hub ({str(e)[:300]}). The facebook/sam3 weights are gated: accept "
+            "the licence on the hub and set HF_TOKEN, or set SAM3_MODEL to a local checkpoint folder") from None
+
+
 class Runtime:
-    """The process-wide engine, loaded once in the background so that /health and /setup answer at once."""
+    """The process-wide engine, loaded once in the background; a failed load is retried with backoff.
+
+    Until it is loaded, /health answers 503 with the state and the reason, and /setup and /predict refuse.
+    """
+
+    RETRY = (15.0, 600.0)  # first and longest wait between load attempts, in seconds
 
     def __init__(self, settings: Settings, engine: Sam3Engine | None = None):
         self.settings = settings
         self.engine = engine
-        self.state = "ready" if engine is not None and engine.loaded else "loading"
+        self.state = "loading"
         self.error = ""
-        self.fingerprint = checkpoint_fingerprint(settings.model)
+        self.retry_at: float | None = None
+        self.fingerprint: str | None = None
         self._ready = threading.Event()
-        if self.state == "ready":
-            self._ready.set()
+        if engine is not None and engine.loaded:
+            self._loaded(engine)
+
+    def _loaded(self, engine: Sam3Engine) -> None:
+        self.fingerprint = checkpoint_fingerprint(checkpoint_folder(engine.model_id))
+        self.engine, self.state, self.error, self.retry_at = engine, "ready", "", None
+        metrics.MODEL_LOADED.set(1)
+        self._ready.set()
+
+    @property
+    def model_version(self) -> str | None:
+        return model_version(self.settings, self.fingerprint) if self.fingerprint else None
 
     def start_loading(self) -> None:
-        if self.state == "ready":
-            return
-        threading.Thread(target=self.load, name="sam3-load", daemon=True).start()
+        if self.state != "ready":
+            threading.Thread(target=self._load_until_loaded, name="sam3-load", daemon=True).start()
+
+    def _load_until_loaded(self) -> None:
+        delay = self.RETRY[0]
+        while not self.load().state == "ready":
+            self.retry_at = time.time() + delay
+            log.error("loading %s failed; next attempt in %.0f s: %s", self.settings.model, delay, self.error)
+            time.sleep(delay)
+            delay = min(delay * 2, self.RETRY[1])
+            self.state = "loading"
 
     def load(self) -> "Runtime":
-        """Load in this thread (the CLI); failures are kept for /health and predict, not raised."""
+        """One attempt, in this thread (the CLI); a failure is kept for /health and predict, not raised."""
         try:
-            engine = Sam3Engine(self.settings.model, self.settings.device, int(self.settings.cache_mb * (1 << 20)))
-            self.engine = engine.load()
-            self.state = "ready"
-            metrics.MODEL_LOADED.set(1)
+            self._loaded(load_engine(self.settings))
+        except BackendError as e:
+            self.state, self.error = "failed", e.message
         except Exception as e:  # reported by /health and by every predict
             log.exception("loading %s failed", self.settings.model)
             self.state, self.error = "failed", f"{type(e).__name__}: {e}"
         finally:
-            self._ready.set()
+            if self.state != "loading":
+                self._ready.set()
         return self
 
     def wait(self, timeout: float) -> Sam3Engine:

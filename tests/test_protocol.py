@@ -1,4 +1,5 @@
 import base64
+import io
 import json
 import re
 import time
@@ -7,8 +8,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 from label_studio_sdk.converter.brush import decode_rle
+from PIL import Image
 
 from backend.config import Settings
+from backend.detections import Detections
 from backend.protocol import create_app
 from conftest import CONFIG, data_uri, keypoint, make_image, png_bytes, rectangle, text
 from helpers import iou, rasterize
@@ -38,16 +41,47 @@ def test_health_reports_model_device_source_and_version(client, settings):
     assert client.get("/").get_json()["model_version"] == body["model_version"]
 
 
-def test_setup_answers_with_model_version_while_the_model_is_still_loading(settings):
-    app = create_app(Settings(model="/nonexistent/sam3", device="cpu"))
+def test_a_model_that_cannot_load_is_unhealthy_says_why_and_is_retried(settings, checkpoint, tmp_path, monkeypatch):
+    import shutil
+
+    from backend.runtime import Runtime
+
+    monkeypatch.setattr(Runtime, "RETRY", (0.3, 0.3))
+    folder = tmp_path / "sam3"
+    app = create_app(Settings(model=str(folder), device="cpu"))
     c = app.test_client()
-    r = c.post("/setup", json={"project": "1.1", "schema": CONFIG, "hostname": "http://ls:8080", "access_token": "t"})
-    assert r.status_code == 200 and r.get_json()["model_version"].startswith("sam3-")
-    app.config["runtime"]._ready.wait(30)
-    health = c.get("/health").get_json()
-    assert health["model_state"] == "failed" and "nonexistent" in health["error"]
+    deadline = time.time() + 30
+    while app.config["runtime"].state != "failed" and time.time() < deadline:
+        time.sleep(0.05)
+    health = c.get("/health")
+    assert health.status_code == 503  # Label Studio and the container health check see it unhealthy
+    assert health.get_json()["model_state"] == "failed" and "no such folder" in health.get_json()["error"]
+    assert "no such folder" in health.status  # the reason phrase is what Label Studio shows
+    r = c.post("/setup", json={"project": "1.1", "schema": CONFIG})
+    assert r.status_code == 503 and "no such folder" in r.get_json()["error"] and "no such folder" in r.status
     r = predict(c, {"result": [keypoint(50, 50)]})
     assert r.status_code == 503 and "failed to load" in r.get_json()["error"]
+    shutil.copytree(checkpoint, folder)  # the folder gets mounted: the next attempt loads it
+    while c.get("/health").status_code != 200 and time.time() < deadline:
+        time.sleep(0.1)
+    body = c.get("/health").get_json()
+    assert body["model_state"] == "ready" and body["model_version"].startswith("sam3-")
+    assert c.post("/setup", json={"project": "1.1", "schema": CONFIG}).status_code == 200
+
+
+def test_the_weights_content_is_in_the_model_version(checkpoint, tmp_path):
+    import shutil
+
+    from backend.runtime import checkpoint_fingerprint
+
+    copy = tmp_path / "copy"
+    shutil.copytree(checkpoint, copy)
+    assert checkpoint_fingerprint(copy) == checkpoint_fingerprint(checkpoint)
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # fine-tuned: same shapes, same size, one weight differs
+    weights.write_bytes(bytes(data))
+    assert checkpoint_fingerprint(copy) != checkpoint_fingerprint(checkpoint)
 
 
 def test_keypoint_click_returns_a_labelled_polygon_in_percent(client, engine, monkeypatch):
@@ -354,3 +388,114 @@ def test_basic_auth_protects_every_route(settings, engine):
 
 def test_auth_off_by_default(client):
     assert client.get("/health").status_code == 200
+
+
+def test_16_bit_images_are_scaled_by_their_range_not_clipped(settings, engine):
+    from backend.images import ImageLoader
+
+    ramp = (np.arange(64 * 48).reshape(48, 64) * 4095 // (64 * 48 - 1)).astype(np.uint16)  # 12-bit data
+    img16 = Image.fromarray(ramp)  # uint16 data: mode I;16
+    buf = io.BytesIO()
+    img16.save(buf, "PNG")
+    rgb = np.asarray(ImageLoader(None).decode(buf.getvalue()))
+    assert rgb.shape == (48, 64, 3) and (rgb[..., 0] == rgb[..., 1]).all()
+    assert rgb.min() == 0 and rgb.max() == 255
+    assert (rgb[..., 0] >= 250).mean() < 0.05  # not the 99.5 % white that clipping gave
+    assert np.abs(rgb[..., 0].astype(int) - (ramp.astype(int) * 255 // 4095)).max() <= 1
+    flat = Image.fromarray(np.full((4, 4), 700, np.uint16))
+    buf = io.BytesIO()
+    flat.save(buf, "PNG")
+    assert np.asarray(ImageLoader(None).decode(buf.getvalue())).max() == 0
+    r = predict(create_app(settings, engine=engine).test_client(), {"result": [keypoint(50, 50)]},
+                image="data:image/png;base64," + base64.b64encode(buf.getvalue()).decode())
+    assert r.status_code == 200
+
+
+def test_setup_says_when_the_token_it_was_given_cannot_read_label_studio(settings, engine):
+    """Legacy tokens off (Label Studio's default): /setup gets a token Label Studio refuses. Say so at once."""
+    ls = ImageServer({}, token="Token valid-pat-access")
+    closed = ImageServer({})
+    closed.close()
+    try:
+        c = create_app(settings, engine=engine).test_client()
+        r = c.post("/setup", json={"project": "3.1", "schema": CONFIG, "hostname": ls.url,
+                                   "access_token": "disabled-legacy-token"})
+        assert r.status_code == 424
+        assert "refused the token" in r.get_json()["error"] and "LABEL_STUDIO_API_KEY" in r.status
+        assert ls.requests[-1][0] == "/api/projects/3"
+        r = c.post("/setup", json={"project": "3.1", "schema": CONFIG, "hostname": closed.url, "access_token": "t"})
+        assert r.status_code == 424 and "cannot reach Label Studio" in r.get_json()["error"]
+        r = c.post("/setup", json={"project": "3.1", "schema": CONFIG, "hostname": ls.url,
+                                   "access_token": "valid-pat-access"})
+        assert r.status_code == 200  # (the mock has no project 3: 404 is not a token problem)
+    finally:
+        ls.close()
+
+
+TWO_IMAGES = """<View>
+  <Image name="left" value="$left"/>
+  <Image name="right" value="$right"/>
+  <KeyPointLabels name="kp_left" toName="left" smart="true"><Label value="cat"/></KeyPointLabels>
+  <KeyPointLabels name="kp_right" toName="right" smart="true"><Label value="cat"/><Label value="dog"/></KeyPointLabels>
+  <PolygonLabels name="poly_left" toName="left"><Label value="cat"/></PolygonLabels>
+  <RectangleLabels name="box_right" toName="right"><Label value="cat"/><Label value="dog"/></RectangleLabels>
+</View>"""
+
+
+def test_each_image_of_a_two_image_config_is_answered_on_its_own(settings, engine, monkeypatch):
+    left, right = make_image(64, 48, seed=1), make_image(80, 60, seed=2)
+    task = {"id": 1, "data": {"left": data_uri(left), "right": data_uri(right)}}
+    sizes = []
+
+    def segment(enc, *a, **k):
+        sizes.append((enc.width, enc.height))
+        return np.ones((enc.height, enc.width), bool), 0.7
+
+    monkeypatch.setattr(engine, "segment", segment)
+    c = create_app(settings, engine=engine).test_client()
+    click_right = dict(keypoint(50, 50, label="dog", name="kp_right"), to_name="right")
+    r = c.post("/predict", json={"tasks": [task], "label_config": TWO_IMAGES, "project": "5.1",
+                                 "params": {"context": {"result": [click_right]}}})
+    assert r.status_code == 200, r.get_json()
+    [region] = r.get_json()["results"][0]["result"]
+    assert sizes == [(80, 60)]  # the click was answered on the image it was made on
+    assert (region["from_name"], region["to_name"], region["original_width"]) == ("box_right", "right", 80)
+    r = c.post("/predict", json={"tasks": [task], "label_config": TWO_IMAGES, "project": "5.1",
+                                 "params": {"context": {"result": [dict(keypoint(50, 50, label="dog", name="kp_left"),
+                                                                         to_name="left")]}}})
+    assert r.status_code == 400 and "'dog' is not in any output control on image 'left'" in r.get_json()["error"]
+
+    def detect(enc, prompts, threshold=0.5, mask_threshold=0.5, max_keep=100):
+        out = []
+        for p in prompts:  # cat on the left half, dog on the right half
+            mask = np.zeros((1, enc.height, enc.width), bool)
+            mask[0, :, : enc.width // 2] = p == "cat"
+            mask[0, :, enc.width // 2:] = p == "dog"
+            out.append(Detections(mask, np.array([0.9]), [p]))
+        return out
+
+    monkeypatch.setattr(engine, "detect", detect)
+    r = c.post("/predict", json={"tasks": [task], "label_config": TWO_IMAGES, "project": "5.1"})
+    regions = r.get_json()["results"][0]["result"]
+    placed = sorted((g["from_name"], g["to_name"], g["original_width"], g["value"][g["type"]][0]) for g in regions)
+    assert placed == [("box_right", "right", 80, "cat"), ("box_right", "right", 80, "dog"),
+                      ("poly_left", "left", 64, "cat")]
+
+
+def test_typed_prompts_follow_the_project_thresholds(settings, engine, monkeypatch):
+    def detect(enc, prompts, threshold=0.5, mask_threshold=0.5, max_keep=100):
+        masks = np.zeros((3, enc.height, enc.width), bool)
+        masks[0, :10, :10], masks[1, 20:30, 20:30], masks[2, 30:40, 40:60] = True, True, True
+        found = [(m, s) for m, s in zip(masks, [0.9, 0.45, 0.35]) if s > threshold][:max_keep]
+        return [Detections(np.array([m for m, _ in found]).reshape(-1, enc.height, enc.width),
+                           np.array([s for _, s in found]), [p] * len(found)) for p in prompts]
+
+    monkeypatch.setattr(engine, "detect", detect)
+    c = create_app(settings, engine=engine).test_client()
+    counts = {}
+    for extra in [None, {"thresholds": {"confidence": 0.4}}, {"thresholds": {"per_label": {"cat": 0.3}}},
+                  {"thresholds": {"confidence": 0.3, "max_detections": 2}}]:
+        assert c.post("/setup", json={"project": "3.1", "schema": CONFIG, "extra_params": extra}).status_code == 200
+        r = predict(c, {"result": [text("kitty")]})
+        counts[str(extra)] = len(r.get_json()["results"][0]["result"])
+    assert list(counts.values()) == [1, 2, 3, 2]  # the same rule as batch and jobs
