@@ -5,7 +5,9 @@ LS_VERSION ?= 1.23.2
 LS_VENV ?= $(HOME)/.cache/label-studio-sam3/ls-$(LS_VERSION)
 PORT ?= 9090
 
-.PHONY: run test install label-studio-venv bench constraints
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: run test install label-studio-venv browser bench constraints
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -23,10 +25,15 @@ $(LS_VENV)/.installed:
 
 label-studio-venv: $(LS_VENV)/.installed
 
+# The browser tests drive Debian's Chromium through ChromeDriver (no browser download).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver; }
+
 run: install
 	$(VENV)/bin/label-studio-sam3 serve --port $(PORT)
 
-test: install label-studio-venv
+test: install label-studio-venv browser
 	LS_VENV=$(LS_VENV) $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 # Pins for the Docker image, from the environment the tests passed in (the base image brings torch and CUDA).

@@ -173,11 +173,13 @@ class Stages:
 
 
 class AutoLabeler:
-    def __init__(self, engine, entries: list[Entry], thresholds: Thresholds, mask_threshold: float = 0.5):
+    def __init__(self, engine, entries: list[Entry], thresholds: Thresholds, mask_threshold: float = 0.5,
+                 chunk: int = 4):
         self.engine = engine
         self.entries = entries
         self.thresholds = thresholds
         self.mask_threshold = mask_threshold
+        self.chunk = chunk  # images per ViT forward
         self.stages = Stages()
 
     def label(self, enc, entries: list[Entry] | None = None) -> Detections:
@@ -220,22 +222,33 @@ class AutoLabeler:
         self,
         items: Iterable,
         load: Callable[[object], object],
-        chunk: int = 4,
+        chunk: int | None = None,
         prefetch: int = 16,
         workers: int = 8,
         entries_for: Callable[[object], list[Entry]] | None = None,
+        deadline: float | None = None,
     ) -> Iterator[tuple[object, object, Detections | None, Exception | None]]:
         """(item, image, detections, error) for each item, in input order.
 
         `load(item)` fetches and decodes an image on a worker thread, once per item; up to `prefetch`
         loads run ahead of the model, so slow image servers overlap with compute. A failed load yields
         its error, not a crash. `entries_for(item)` picks the ontology entries for an item (default all).
+        With a `deadline` (time.monotonic()), it stops before a chunk that would likely end past it: the
+        items not yielded are the caller's to hand on.
         """
         items = list(items)
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sam3-fetch") as pool:
+        chunk = chunk or self.chunk
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sam3-fetch")
+        started, chunks_done = time.monotonic(), 0
+        try:
             futures = {}
             submitted = 0
             for start in range(0, len(items), chunk):
+                if deadline is not None and chunks_done:
+                    per_chunk = (time.monotonic() - started) / chunks_done
+                    if time.monotonic() + per_chunk > deadline:
+                        return
+                chunks_done += 1
                 while submitted < min(start + chunk + prefetch, len(items)):
                     futures[submitted] = pool.submit(load, items[submitted])
                     submitted += 1
@@ -263,7 +276,8 @@ class AutoLabeler:
                         continue
                     self.stages.images += 1
                     yield items[j], images[j], dets, None
-
+        finally:  # stopped early (deadline, the caller stopped reading): downloads not yet started are dropped
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def _encode(self, images: dict, errors: dict) -> dict:
         """Encodings by index: one batched ViT pass, or, when that fails (out of memory, one bad image),

@@ -27,6 +27,11 @@ def _serve(args) -> int:
 
     settings = _settings()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    busy = _port_in_use(args.host, args.port)
+    if busy:
+        print(f"error: cannot listen on {args.host}:{args.port} ({busy}): stop what holds the port, or choose "
+              "another with --port N (PORT=N make run)", file=sys.stderr)
+        return 2
     if not settings.basic_auth_user and args.host not in ("127.0.0.1", "localhost", "::1"):
         logging.getLogger("backend.cli").warning(
             "serving on %s without authentication: anyone who can reach port %d can use this backend. "
@@ -46,6 +51,20 @@ def _serve(args) -> int:
 
     App().run()
     return 0
+
+
+def _port_in_use(host: str, port: int) -> str:
+    """Why `host:port` cannot be listened on ("" when it can): gunicorn alone retries and says little."""
+    import socket
+
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except OSError as e:
+        return e.strerror or str(e)
+    return ""
 
 
 def _health(args) -> int:
@@ -147,12 +166,14 @@ def _label(args) -> int:
     """A bulk label job over a Label Studio project: here with a progress line, or queued for workers."""
     import threading
 
-    from . import dispatch, jobs, labelstudio
+    from . import dispatch, jobs, labelstudio, runner
     from .errors import BackendError
     from .runtime import Runtime
     from .store import MemoryStore
 
     settings = _settings()
+    if "SAM3_ENCODE_BATCH" not in os.environ:
+        settings.encode_batch = 4  # no clicks wait on this process: batch images per forward
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     api = labelstudio.api_for(settings, labelstudio.connect(settings))
     if api is None:
@@ -164,28 +185,32 @@ def _label(args) -> int:
         body["thresholds"] = {"confidence": args.threshold}
     if args.tasks:
         body["tasks"] = args.tasks
+    if args.queue and not settings.redis_url:
+        print("error: --queue needs REDIS_URL (the workers' Redis)", file=sys.stderr)
+        return 2
     runtime = Runtime(settings)
+    # With Redis, a job run here shares its lock and claims with the service and the workers: two runs on
+    # one project never post twice. Without it, only runs in this process see each other.
+    store = dispatch.redis_store(settings) if settings.redis_url else MemoryStore()
     try:
         if args.queue:
-            if not settings.redis_url:
-                print("error: --queue needs REDIS_URL (the workers' Redis)", file=sys.stderr)
-                return 2
-            store = dispatch.redis_store(settings)
+            runtime.identify()  # the weights' identity is enough to queue: the workers load the model
             job = jobs.create(store, api, settings, runtime, body)
             dispatch.enqueue(settings, store.r, job["id"])
             print(job["id"])
             return 0
-        store = MemoryStore()
+        if runtime.load().state != "ready":
+            print(f"error: {runtime.error}", file=sys.stderr)
+            return 1
         job = jobs.create(store, api, settings, runtime, body)
     except BackendError as e:
         print(f"error: {e.message}", file=sys.stderr)
         return 2
     print(f"job {job['id']}: project {args.project}, model_version {job['model_version']}", file=sys.stderr)
-    runtime.load()
     finished = threading.Event()
     printer = threading.Thread(target=_progress, args=(store, job["id"], finished), daemon=True)
     printer.start()
-    jobs.run_all(jobs.Context(settings, runtime, store, api), job["id"])
+    runner.run_all(jobs.Context(settings, runtime, store, api), job["id"])
     finished.set()
     printer.join()
     job = store.get(job["id"])
@@ -286,6 +311,8 @@ def _worker(args) -> int:
     if not settings.label_studio_url:
         print("error: the worker needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY", file=sys.stderr)
         return 2
+    dispatch.redis_store(settings).r.ping()  # before minutes of model loading: a wrong REDIS_URL fails now
+    os.environ.setdefault("SAM3_ENCODE_BATCH", "4")  # no clicks wait on a worker: batch images per forward
     ctx = dispatch.worker_context()  # loads the model now, before any job is taken
     if ctx.runtime.state != "ready":
         print(f"error: {ctx.runtime.error}", file=sys.stderr)
@@ -300,11 +327,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="label-studio-sam3", description="SAM 3 ML backend for Label Studio")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the ML backend HTTP service (gunicorn)")
-    serve.add_argument("--host", default=os.environ.get("HOST", "0.0.0.0"))
-    serve.add_argument("--port", type=int, default=int(os.environ.get("PORT", "9090")))
-    serve.add_argument("--threads", type=int, default=int(os.environ.get("THREADS", "64")))
-    serve.add_argument("--timeout", type=int, default=int(os.environ.get("GUNICORN_TIMEOUT", "600")))
-    serve.add_argument("--graceful-timeout", type=int, default=int(os.environ.get("GRACEFUL_TIMEOUT", "120")))
+    serve.add_argument("--host", default=os.environ.get("HOST", "0.0.0.0"),
+                       help="address to listen on (HOST; default 0.0.0.0, every interface)")
+    serve.add_argument("--port", type=int, default=int(os.environ.get("PORT", "9090")),
+                       help="port to listen on (PORT; default 9090)")
+    serve.add_argument("--threads", type=int, default=int(os.environ.get("THREADS", "64")),
+                       help="request threads sharing the one model (THREADS; default 64: slow clients hold threads, "
+                            "the model runs one forward at a time)")
+    serve.add_argument("--timeout", type=int, default=int(os.environ.get("GUNICORN_TIMEOUT", "600")),
+                       help="seconds a request may run before its worker is restarted (GUNICORN_TIMEOUT; default 600)")
+    serve.add_argument("--graceful-timeout", type=int, default=int(os.environ.get("GRACEFUL_TIMEOUT", "120")),
+                       help="seconds to finish requests in hand on SIGTERM (GRACEFUL_TIMEOUT; default 120)")
     serve.add_argument("--access-log", action="store_true", help="log every request")
     serve.set_defaults(func=_serve)
     pred = sub.add_parser("predict", help="pre-annotate local images: Label Studio JSON + preview PNG per image")
@@ -348,8 +381,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from redis.exceptions import RedisError
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except RedisError as e:  # one line that says what to fix, not a 50-line traceback
+        url = os.environ.get("REDIS_URL", "")
+        print(f"error: Redis at REDIS_URL={url} is not answering ({type(e).__name__}: {e}); start Redis or fix "
+              "REDIS_URL", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

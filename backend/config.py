@@ -73,6 +73,8 @@ class Settings:
     max_projects: int = 256  # projects whose config and connection are kept in memory (least recent go)
     max_job_tasks: int = 10000  # task ids one job request may name
     max_jobs: int = 1000  # jobs the in-memory store keeps (finished ones go first, after a day)
+    encode_batch: int = 1  # images per ViT forward in bulk work; 1 keeps a click's wait to one image's forward
+    predict_budget: float = 60.0  # seconds a batch /predict labels before handing the rest to a job
     redis_url: str = ""  # set: jobs go to rq workers; unset: one background thread in the service
     queue: str = "sam3"
     job_chunk: int = 64  # tasks per rq job; several workers share a project chunk by chunk
@@ -114,6 +116,8 @@ class Settings:
             max_projects=int(_float("SAM3_MAX_PROJECTS", cls.max_projects)),
             max_job_tasks=int(_float("SAM3_MAX_JOB_TASKS", cls.max_job_tasks)),
             max_jobs=int(_float("SAM3_MAX_JOBS", cls.max_jobs)),
+            encode_batch=int(_float("SAM3_ENCODE_BATCH", cls.encode_batch)),
+            predict_budget=_float("SAM3_PREDICT_BUDGET", cls.predict_budget),
             redis_url=_env("REDIS_URL"),
             queue=_env("SAM3_QUEUE", cls.queue),
             job_chunk=int(_float("SAM3_JOB_CHUNK", cls.job_chunk)),
@@ -154,7 +158,7 @@ class Settings:
                 out.append(f"{name} must be between 0 and 1")
         for name in ("max_image_mb", "max_image_pixels", "fetch_timeout", "max_body_mb", "read_timeout",
                      "max_prompts", "max_prompt_chars", "max_ontology", "max_projects", "max_job_tasks",
-                     "max_jobs", "max_detections", "fetch_retries", "api_retries", "job_chunk", "post_batch",
+                     "max_jobs", "encode_batch", "predict_budget", "max_detections", "fetch_retries", "api_retries", "job_chunk", "post_batch",
                      "job_heartbeat"):
             if getattr(self, name) <= 0:
                 out.append(f"{name} must be positive")

@@ -2,7 +2,8 @@
 
 rq layout: a planner job per label job, which enqueues one rq job per chunk of tasks. Chunks carry
 retries, so a chunk whose worker died (SIGKILL, machine restart) is run again by another worker once
-its heartbeat lapses; the store makes that second run skip what the first one finished.
+its heartbeat lapses. That second run is harmless even when the first is alive after all (paused past its
+heartbeat): tasks are claimed in the store, and finished chunks are a set (`backend.runner`).
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import logging
 import queue
 import threading
 
-from . import jobs, labelstudio
+from . import jobs, labelstudio, runner
 from .config import Settings
 from .labelstudio import LabelStudioAPI
 from .runtime import Runtime
@@ -44,7 +45,7 @@ class EmbeddedRunner:
     def _loop(self) -> None:
         while True:
             job_id, api = self._queue.get()
-            jobs.run_all(jobs.Context(self.settings, self.runtime, self.store, api), job_id)
+            runner.run_all(jobs.Context(self.settings, self.runtime, self.store, api), job_id)
 
 
 # ---- rq ----------------------------------------------------------------------------------------
@@ -75,22 +76,20 @@ def plan_job(job_id: str) -> int:
     from rq.job import Job
 
     ctx = worker_context()
-    chunks = jobs.plan(ctx, job_id)
+    chunks = runner.plan(ctx, job_id)
     q = Queue(ctx.settings.queue, connection=ctx.store.r)
     for i, chunk in enumerate(chunks):
         rq_id = f"sam3-{job_id}-{i}"
         if Job.exists(rq_id, connection=ctx.store.r):
-            continue  # enqueued by an earlier run of this planner
-        q.enqueue(chunk_job, job_id, chunk, job_id=rq_id, job_timeout=max(600, 60 * len(chunk)),
+            continue  # enqueued by an earlier run of this planner (a chunk queued twice is harmless)
+        q.enqueue(chunk_job, job_id, i, chunk, job_id=rq_id, job_timeout=max(600, 60 * len(chunk)),
                   retry=Retry(max=3), on_failure=Callback(on_failure),
                   description=f"label job {job_id}: chunk {i + 1}/{len(chunks)} ({len(chunk)} tasks)")
     return len(chunks)
 
 
-def chunk_job(job_id: str, task_ids: list[int]) -> None:
-    ctx = worker_context()
-    ctx.heartbeat()
-    jobs.run_chunk(ctx, job_id, task_ids)
+def chunk_job(job_id: str, index: int, task_ids: list[int]) -> None:
+    runner.run_chunk(worker_context(), job_id, index, task_ids)
 
 
 def on_failure(job, connection, exc_type, exc_value, tb) -> None:
@@ -117,5 +116,5 @@ def make_worker(settings: Settings, redis, name: str | None = None):
                 self.maintain_heartbeats(job, execution)
 
     worker = Worker([settings.queue], connection=redis, name=name, worker_ttl=max(60, settings.job_heartbeat),
-                    maintenance_interval=max(5, settings.job_heartbeat // 2))
+                    maintenance_interval=max(1, settings.job_heartbeat // 2))
     return worker

@@ -13,6 +13,7 @@ import math
 import threading
 import time
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -41,6 +42,52 @@ class Encoding:
     vision: object  # Sam3VisionEncoderOutput (detector features)
     tracker: list[torch.Tensor]  # tracker image embeddings
     nbytes: int
+
+
+class PriorityLock:
+    """The model, one forward at a time; an annotator's click waiting for it goes before waiting bulk work.
+
+    Reentrant per thread. Urgency is per thread (`Sam3Engine.urgent()`), so the engine's methods need no
+    extra argument: a click waits at most for the forward pass in progress.
+    """
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._owner: int | None = None
+        self._depth = 0
+        self._urgent_waiting = 0
+        self._local = threading.local()
+
+    def __enter__(self) -> "PriorityLock":
+        me, urgent = threading.get_ident(), getattr(self._local, "urgent", False)
+        with self._cond:
+            if self._owner == me:
+                self._depth += 1
+                return self
+            self._urgent_waiting += urgent
+            try:
+                while self._owner is not None or (not urgent and self._urgent_waiting):
+                    self._cond.wait()
+            finally:
+                self._urgent_waiting -= urgent
+            self._owner, self._depth = me, 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with self._cond:
+            self._depth -= 1
+            if not self._depth:
+                self._owner = None
+                self._cond.notify_all()
+
+    @contextmanager
+    def urgent(self):
+        before = getattr(self._local, "urgent", False)
+        self._local.urgent = True
+        try:
+            yield
+        finally:
+            self._local.urgent = before
 
 
 class EncodingCache:
@@ -118,7 +165,7 @@ class Sam3Engine:
         self.cache = EncodingCache(cache_bytes)
         self.vit_passes = 0  # how many times the image encoder ran (tests and metrics read it)
         self._text_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
-        self._lock = threading.RLock()
+        self._lock = PriorityLock()
         self.detector = self.tracker = self.processor = None
 
     # ---- loading -------------------------------------------------------------------------
@@ -148,6 +195,10 @@ class Sam3Engine:
     @property
     def loaded(self) -> bool:
         return self.detector is not None
+
+    def urgent(self):
+        """`with engine.urgent():` this thread's model calls go before bulk work waiting for the model."""
+        return self._lock.urgent()
 
     # ---- image encoding ------------------------------------------------------------------
     def encode(self, image: Image.Image, key: str | None = None) -> Encoding:

@@ -5,6 +5,7 @@ class BackendError(Exception):
     """A problem with the request or its inputs; `status` is the HTTP status to answer with."""
 
     status = 400
+    extra: dict = {}  # more fields for the JSON answer
 
     def __init__(self, message: str, status: int | None = None):
         super().__init__(message)

@@ -229,7 +229,7 @@ class LabelStudioAPI:
     Retries cover what a busy or restarting Label Studio answers: 429 and 5xx (honouring `Retry-After`)
     and dropped connections, with exponential backoff. A write that may have been applied (a 5xx or a
     dropped connection after sending) is not retried here: the caller checks what Label Studio holds
-    first (see `jobs.post_predictions`).
+    first (see `poster.post_predictions`).
     """
 
     def __init__(self, ls: LabelStudio, backoff: Backoff | None = None, timeout: float = 60.0):

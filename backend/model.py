@@ -5,6 +5,7 @@ import hashlib
 import logging
 import threading
 import time
+import uuid
 from collections import OrderedDict
 
 import numpy as np
@@ -70,36 +71,81 @@ class SAM3Backend(LabelStudioMLBase):
         return f"{base}-{autolabel.fingerprint(self.ontology, self.thresholds)}"
 
     # ---- predict ---------------------------------------------------------------------------
-    def predict(self, tasks: list[dict], context: dict | None = None, **kwargs) -> list[dict]:
+    def predict(self, tasks: list[dict], context: dict | None = None, notices: bool = False, handoff=None,
+                **kwargs) -> list[dict]:
+        """`notices`: the caller is Label Studio's editor, which shows a refused click only as a suggestion.
+        `handoff(tasks)`: starts a background job for the tasks a batch could not reach in time (its id)."""
         if self.config is None:
             raise BackendError("no label config: call /setup first or send label_config with the request")
         if isinstance(context, dict) and context.get("result") is not None:
             # An interactive request, even with no prompt left: answer it, never auto-label instead.
             if len(tasks) != 1:
                 raise BackendError(f"an interactive request carries exactly one task, got {len(tasks)}")
-            return [self.predict_interactive(tasks[0], context)]
-        return self.predict_batch(tasks)
+            try:
+                return [self.predict_interactive(tasks[0], context)]
+            except BackendError as e:
+                notice = self.notice(e.message, context) if notices else None
+                if notice is None:
+                    raise
+                log.info("task %s: interactive request refused: %s", tasks[0].get("id"), e.message)
+                return [notice]
+        return self.predict_batch(tasks, handoff)
 
-    def predict_batch(self, tasks: list[dict]) -> list[dict]:
+    def notice(self, message: str, context: dict) -> dict | None:
+        """An error the annotator can read: a line in the config's TextArea, sent as a suggestion.
+
+        Label Studio's editor drops every error a backend sends for a click (its API answers 200 with the
+        error in a field the editor never reads) but shows a TextArea suggestion at once, under the prompt box.
+        The TextArea holds one value, so the prompt typed there is kept beside the message. None when the
+        config has no TextArea: then the error only reaches Label Studio's log.
+        """
+        area = next((c for c in self.config.prompts.values() if c.tag == "TextArea"), None)
+        if area is None:
+            return None
+        typed = [t for r in context.get("result") or [] if isinstance(r, dict) and r.get("from_name") == area.name
+                 for t in ((r.get("value") or {}).get("text") or []) if isinstance(t, str)]
+        region = {"id": uuid.uuid4().hex[:10], "from_name": area.name, "to_name": area.to_name, "type": "textarea",
+                  "origin": "prediction", "value": {"text": typed + [f"SAM 3 could not answer: {message}"]}}
+        version = self.runtime.model_version or "sam3"
+        return {"result": [region], "score": 0.0, "model_version": version, "error": message}
+
+    def predict_batch(self, tasks: list[dict], handoff=None) -> list[dict]:
         """Every instance of every label in each task's images; one answer per task, in order.
 
         A task that could not be labelled gets an answer without "result" (its "error" says why), which
         Label Studio does not store: the task stays unlabelled and a later Retrieve Predictions tries it
         again, instead of skipping it forever as predicted by this model_version.
+
+        Label Studio waits 100 s for the whole batch and stores nothing if it waits longer: the batch stops at
+        SAM3_PREDICT_BUDGET, and the tasks it did not reach go to `handoff` (a background job that posts
+        their predictions through the API); their answers here carry no result.
         """
-        return [prediction if error is None else self.failure(error)
-                for _, _, prediction, error in self.iter_predictions(tasks)]
+        deadline = time.monotonic() + self.settings.predict_budget
+        answers = [prediction if error is None else self.failure(error)
+                   for _, _, prediction, error in self.iter_predictions(tasks, deadline=deadline)]
+        rest = tasks[len(answers):]
+        if rest:
+            why = f"not reached within the {self.settings.predict_budget:.0f} s budget of one request"
+            try:
+                job = handoff(rest) if handoff else None
+                why += f"; background job {job} labels it" if job else "; Retrieve Predictions again to label it"
+            except BackendError as e:
+                why += f"; no background job could take it ({e.message})"
+            log.info("batch of %d tasks: %d answered, %d handed on: %s", len(tasks), len(answers), len(rest), why)
+            answers += [self.failure(BackendError(why)) for _ in rest]
+        return answers
 
     def failure(self, error: Exception) -> dict:
         return {"model_version": self.model_version, "error": getattr(error, "message", None) or str(error)}
 
-    def iter_predictions(self, tasks: list, load=None):
-        """(task, {image name: image}, prediction or None, error or None) in task order."""
+    def iter_predictions(self, tasks: list, load=None, deadline: float | None = None):
+        """(task, {image name: image}, prediction or None, error or None) in task order (with a `deadline`,
+        possibly only the first tasks)."""
         labeler = self.auto_labeler(self.runtime.wait(timeout=300))
-        yield from self.label_tasks(labeler, tasks, load or self.load_task_image)
+        yield from self.label_tasks(labeler, tasks, load or self.load_task_image, deadline)
         log.info("predicted %d tasks: %s", len(tasks), labeler.stages)
 
-    def label_tasks(self, labeler: AutoLabeler, tasks: list, load):
+    def label_tasks(self, labeler: AutoLabeler, tasks: list, load, deadline: float | None = None):
         """Label each task's images (one per Image object that an output control labels) and assemble
         one prediction per task; `load(task, image name)` gives a decoded image.
 
@@ -112,7 +158,7 @@ class SAM3Backend(LabelStudioMLBase):
         units = [(i, name) for i in range(len(tasks)) for name in names]
         dets, images, error = {}, {}, None
         for (i, name), image, found, err in labeler.run(units, lambda u: load(tasks[u[0]], u[1]),
-                                                          entries_for=lambda u: entries[u[1]]):
+                                                          entries_for=lambda u: entries[u[1]], deadline=deadline):
             images[name], dets[name] = image, found
             error = error or err
             if name != names[-1]:
@@ -133,7 +179,8 @@ class SAM3Backend(LabelStudioMLBase):
                 yield task, {}, self._prediction([], 0.0), None
 
     def auto_labeler(self, engine) -> AutoLabeler:
-        return AutoLabeler(engine, self.ontology, self.thresholds, self.settings.mask_threshold)
+        return AutoLabeler(engine, self.ontology, self.thresholds, self.settings.mask_threshold,
+                           self.settings.encode_batch)
 
     def prediction_for(self, dets: dict[str, Detections]) -> dict:
         """Regions in every output control that labels each image and carries each label; overall score =
@@ -163,6 +210,11 @@ class SAM3Backend(LabelStudioMLBase):
         control = self.config.output_for(label, image)
         url = self._image_url(task, image)
         engine = self.runtime.wait(timeout=120)
+        with engine.urgent():  # an annotator waits: this goes before any bulk work queued for the model
+            return self._answer_click(engine, task, url, prompt, label, control)
+
+    def _answer_click(self, engine, task, url, prompt, label, control) -> dict:
+        s = self.settings
         enc = self._encoding(engine, url)
         t0 = time.perf_counter()
         if prompt.text:  # every instance, under the project's thresholds (the same rule as batch and jobs)

@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from dataclasses import asdict
 
 from flask import Flask, Response, g, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -92,7 +93,7 @@ def create_app(settings: Settings | None = None, engine: Sam3Engine | None = Non
     if runtime.state == "ready":
         metrics.MODEL_LOADED.set(1)
     # Jobs: rq workers when REDIS_URL is set, else one thread of this process.
-    redis = store = runner = None
+    redis = store = embedded = None
     if settings.redis_url:
         store = dispatch.redis_store(settings)
         redis = store.r
@@ -100,7 +101,7 @@ def create_app(settings: Settings | None = None, engine: Sam3Engine | None = Non
         from .store import MemoryStore
 
         store = MemoryStore(max_jobs=settings.max_jobs)
-        runner = dispatch.EmbeddedRunner(settings, runtime, store)
+        embedded = dispatch.EmbeddedRunner(settings, runtime, store)
     app.config["jobs"] = store
 
     def body() -> dict:
@@ -127,7 +128,7 @@ def create_app(settings: Settings | None = None, engine: Sam3Engine | None = Non
     @app.errorhandler(BackendError)
     def _backend_error(e: BackendError):
         log.info("%s %s -> %d: %s", request.method, request.path, e.status, e.message)
-        return error_response(e.message, e.status)
+        return error_response(e.message, e.status, **e.extra)
 
     @app.errorhandler(RedisError)
     def _redis_error(e: RedisError):
@@ -183,7 +184,20 @@ def create_app(settings: Settings | None = None, engine: Sam3Engine | None = Non
     def predict():
         req = wire.Predict.parse(body())
         model = projects.get(req.project, req.label_config)
-        predictions = model.predict(req.tasks, context=req.context)
+        # Label Studio (User-Agent heartex/<version>) drops errors of clicks: tell its editor through a suggestion.
+        from_label_studio = request.headers.get("User-Agent", "").startswith("heartex/")
+
+        def handoff(rest: list[dict]) -> str | None:
+            """A job for the tasks the batch could not reach in time, with the project's own ontology and
+            thresholds (so its model_version is the one Label Studio asked for)."""
+            ids = [t["id"] for t in rest if isinstance(t.get("id"), int) and not isinstance(t.get("id"), bool)]
+            if not ids or not req.project:
+                return None
+            job = start_job({"project": int(req.project), "tasks": ids,
+                             "ontology": [asdict(e) for e in model.ontology], "thresholds": asdict(model.thresholds)})
+            return job["id"]
+
+        predictions = model.predict(req.tasks, context=req.context, notices=from_label_studio, handoff=handoff)
         if len(predictions) != len(req.tasks):  # Label Studio pairs results[i] with tasks[i]
             raise RuntimeError(f"{len(predictions)} predictions for {len(req.tasks)} tasks")
         return jsonify({"results": predictions, "model_version": model.model_version})
@@ -195,9 +209,8 @@ def create_app(settings: Settings | None = None, engine: Sam3Engine | None = Non
         action = action if isinstance(action, str) and len(action) <= 64 else None
         return jsonify({"status": "ok", "action": action, "trained": False}), 200
 
-    @app.post("/jobs")
-    def create_job():
-        data = body()
+    def start_job(data: dict) -> dict:
+        """Create a job (checked, stored, its scope locked) and hand it to rq or the embedded runner."""
         connection = projects.connection(wire.project_key(data.get("project")))
         api = labelstudio.api_for(settings, labelstudio.connect(settings, *connection))
         if api is None:
@@ -207,7 +220,12 @@ def create_app(settings: Settings | None = None, engine: Sam3Engine | None = Non
         if redis is not None:
             dispatch.enqueue(settings, redis, job["id"])
         else:
-            runner.submit(job["id"], api)
+            embedded.submit(job["id"], api)
+        return job
+
+    @app.post("/jobs")
+    def create_job():
+        job = start_job(body())
         return jsonify({"job_id": job["id"], "status": job["status"], "model_version": job["model_version"],
                         "url": f"/jobs/{job['id']}"}), 202
 
@@ -249,8 +267,8 @@ def _reason(message: str) -> str:
     return text[:400].strip() or "error"
 
 
-def error_response(message: str, status: int) -> Response:
-    resp = jsonify({"error": message})
+def error_response(message: str, status: int, **extra) -> Response:
+    resp = jsonify({"error": message, **extra})
     resp.status = f"{status} {_reason(message)}"
     return resp
 

@@ -146,6 +146,11 @@ class Runtime:
         metrics.MODEL_LOADED.set(1)
         self._ready.set()
 
+    def identify(self) -> None:
+        """The weights' identity without loading them (a local folder, or a hub snapshot already downloaded)."""
+        if self.fingerprint is None:
+            self.fingerprint = checkpoint_fingerprint(checkpoint_folder(self.settings.model))
+
     @property
     def model_version(self) -> str | None:
         return model_version(self.settings, self.fingerprint) if self.fingerprint else None

@@ -1,8 +1,12 @@
 """Where job state lives: Redis when workers share it, memory for the embedded runner.
 
 Both stores keep, per job: its fields, counters that add up across chunks and workers, the set of
-tasks it has finished (so a retried chunk never counts or posts a task twice), the last errors,
-and how many tasks each worker did.
+tasks it has finished, the set of chunks it has finished, the last errors, and how many tasks each
+worker did. They own the operations that must be atomic:
+- `create` takes the lock of a (project, model_version) "scope": one active job per scope;
+- `claim` gives a task of a scope to one runner for a lease (renewed while it works, released when done),
+  so two runs of one chunk, or a run that rq thinks dead but is only paused, never label a task twice;
+- `finish` counts a task once however often it is reported; `finish_chunk` counts a chunk once.
 """
 from __future__ import annotations
 
@@ -12,12 +16,46 @@ import time
 
 from .errors import BackendError
 
-COUNTERS = ("total", "processed", "predicted", "skipped", "failed", "regions_added", "chunks_total", "chunks_done")
+COUNTERS = ("total", "processed", "predicted", "skipped", "failed", "regions_added", "chunks_total")
 OUTCOMES = ("predicted", "skipped", "failed")
 ACTIVE = ("queued", "running")
-STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+FINAL = ("succeeded", "failed", "cancelled")
+STATUSES = ACTIVE + FINAL
 MAX_ERRORS = 20
 
+
+class Conflict(BackendError):
+    """Another job already works on this project with this model_version."""
+
+    status = 409
+
+    def __init__(self, message: str, job_id: str):
+        super().__init__(message)
+        self.job_id = job_id
+        self.extra = {"job_id": job_id}
+
+
+def _conflict(holder: str, scope: str) -> Conflict:
+    project, _, version = scope.partition(":")
+    return Conflict(f"job {holder} is already labelling project {project} with model_version {version}; "
+                    f"follow it at /jobs/{holder}, or cancel it first", holder)
+
+
+# ---- Redis scripts ------------------------------------------------------------------------------
+# KEYS: job hash, index, lock (or the job hash again when unlocked). ARGV: job id, created_at, locked?, fields...
+_CREATE = """
+if ARGV[3] == '1' then
+  local holder = redis.call('GET', KEYS[3])
+  if holder then
+    local status = redis.call('HGET', KEYS[1]:sub(1, #KEYS[1] - #ARGV[1]) .. holder, 'status')
+    if status == '"queued"' or status == '"running"' then return holder end
+  end
+  redis.call('SET', KEYS[3], ARGV[1])
+end
+for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+return false
+"""
 # Tasks are (id, regions) pairs; only ids not yet in the done set count.
 _FINISH = """
 local n, r = 0, 0
@@ -32,17 +70,51 @@ if n > 0 then
 end
 return n
 """
-# Set fields only while the status is one of the expected ones (so a cancel is never overwritten).
+# Set fields only while the status is one of the expected ones (so a cancel is never overwritten); a final
+# status frees the job's scope lock. KEYS: job hash. ARGV: n expected, expected..., field/value pairs.
 _TRANSITION = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return 0 end
 for i = 2, tonumber(ARGV[1]) + 1 do
   if status == ARGV[i] then
-    for j = tonumber(ARGV[1]) + 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[j], ARGV[j + 1]) end
+    local final = false
+    for j = tonumber(ARGV[1]) + 2, #ARGV, 2 do
+      redis.call('HSET', KEYS[1], ARGV[j], ARGV[j + 1])
+      if ARGV[j] == 'status' and (ARGV[j + 1] == '"succeeded"' or ARGV[j + 1] == '"failed"'
+                                  or ARGV[j + 1] == '"cancelled"') then final = true end
+    end
+    local lock = redis.call('HGET', KEYS[1], 'lock')
+    if final and lock then
+      local key = cjson.decode(lock)
+      if key ~= cjson.null and redis.call('GET', key) == cjson.decode(redis.call('HGET', KEYS[1], 'id')) then
+        redis.call('DEL', key)
+      end
+    end
     return 1
   end
 end
 return 0
+"""
+# ARGV: key prefix, owner, lease ms, task ids...: the tasks now held by `owner` (taken or renewed).
+_CLAIM = """
+local held = {}
+for i = 4, #ARGV do
+  local key = ARGV[1] .. ARGV[i]
+  local owner = redis.call('GET', key)
+  if not owner then
+    redis.call('SET', key, ARGV[2], 'PX', ARGV[3]); held[#held + 1] = ARGV[i]
+  elseif owner == ARGV[2] then
+    redis.call('PEXPIRE', key, ARGV[3]); held[#held + 1] = ARGV[i]
+  end
+end
+return held
+"""
+_RELEASE = """
+for i = 3, #ARGV do
+  local key = ARGV[1] .. ARGV[i]
+  if redis.call('GET', key) == ARGV[2] then redis.call('DEL', key) end
+end
+return 1
 """
 
 
@@ -57,18 +129,29 @@ class MemoryStore:
         self.max_jobs, self.keep_finished = max_jobs, keep_finished
         self._jobs: dict[str, dict] = {}
         self._done: dict[str, set] = {}
+        self._chunks_done: dict[str, set] = {}
+        self._enqueued: dict[str, set] = {}
         self._errors: dict[str, list] = {}
         self._workers: dict[str, dict] = {}
         self._chunks: dict[str, list] = {}
-        self._lock = threading.Lock()
+        self._locks: dict[str, str] = {}  # scope -> job id
+        self._claims: dict[tuple[str, int], tuple[str, float]] = {}  # (scope, task) -> (owner, until)
+        self._lock = threading.RLock()
 
-    def create(self, job_id: str, fields: dict) -> None:
+    def create(self, job_id: str, fields: dict, scope: str | None = None) -> None:
         with self._lock:
             self._prune()
             if len(self._jobs) >= self.max_jobs:
                 raise BackendError(f"{len(self._jobs)} jobs are queued or running here; wait for some to finish", 429)
-            self._jobs[job_id] = {**{c: 0 for c in COUNTERS}, **fields}
-            self._done[job_id], self._errors[job_id], self._workers[job_id] = set(), [], {}
+            if scope:
+                holder = self._locks.get(scope)
+                if holder and self._jobs.get(holder, {}).get("status") in ACTIVE:
+                    raise _conflict(holder, scope)
+                self._locks[scope] = job_id
+            self._jobs[job_id] = {**{c: 0 for c in COUNTERS}, **fields, "lock": scope}
+            for table in (self._done, self._chunks_done, self._enqueued):
+                table[job_id] = set()
+            self._errors[job_id], self._workers[job_id] = [], {}
 
     def _prune(self) -> None:
         now = time.time()
@@ -76,14 +159,16 @@ class MemoryStore:
         excess = len(self._jobs) - self.max_jobs + 1
         for i, (finished_at, job_id) in enumerate(ended):
             if i < excess or finished_at < now - self.keep_finished:
-                for table in (self._jobs, self._done, self._errors, self._workers, self._chunks):
+                for table in (self._jobs, self._done, self._chunks_done, self._enqueued, self._errors,
+                              self._workers, self._chunks):
                     table.pop(job_id, None)
 
     def get(self, job_id: str) -> dict | None:
         with self._lock:
             if job_id not in self._jobs:
                 return None
-            return {**self._jobs[job_id], "errors": list(self._errors[job_id]), "workers": dict(self._workers[job_id])}
+            return {**self._jobs[job_id], "chunks_done": len(self._chunks_done[job_id]),
+                    "errors": list(self._errors[job_id]), "workers": dict(self._workers[job_id])}
 
     def list(self, status: str | None = None, offset: int = 0, limit: int = 20) -> tuple[list[dict], int]:
         with self._lock:
@@ -114,12 +199,9 @@ class MemoryStore:
             if job is None or job["status"] not in expect:
                 return False
             job.update(fields)
+            if fields.get("status") in FINAL and job.get("lock") and self._locks.get(job["lock"]) == job_id:
+                del self._locks[job["lock"]]
             return True
-
-    def incr(self, job_id: str, field: str, n: int = 1) -> int:
-        with self._lock:
-            self._jobs[job_id][field] += n
-            return self._jobs[job_id][field]
 
     def finish(self, job_id: str, outcome: str, tasks: dict[int, int], worker: str = "") -> int:
         with self._lock:
@@ -133,9 +215,39 @@ class MemoryStore:
                 self._workers[job_id][worker] = self._workers[job_id].get(worker, 0) + len(new)
             return len(new)
 
+    def finish_chunk(self, job_id: str, index: int) -> int:
+        """Record chunk `index` as finished; how many distinct chunks are."""
+        with self._lock:
+            self._chunks_done[job_id].add(int(index))
+            return len(self._chunks_done[job_id])
+
+    def first_time(self, job_id: str, mark: str) -> bool:
+        """True once per (job, mark): for doing a thing exactly once (enqueueing a chunk) across retries."""
+        with self._lock:
+            seen = mark in self._enqueued[job_id]
+            self._enqueued[job_id].add(mark)
+            return not seen
+
     def done(self, job_id: str) -> set[int]:
         with self._lock:
             return set(self._done.get(job_id, ()))
+
+    def claim(self, scope: str, tasks, owner: str, lease: float) -> set[int]:
+        """The tasks of `tasks` that `owner` holds now: free ones are taken, its own are renewed."""
+        now, held = time.monotonic(), set()
+        with self._lock:
+            for t in tasks:
+                current = self._claims.get((scope, int(t)))
+                if current is None or current[1] < now or current[0] == owner:
+                    self._claims[(scope, int(t))] = (owner, now + lease)
+                    held.add(int(t))
+        return held
+
+    def release(self, scope: str, tasks, owner: str) -> None:
+        with self._lock:
+            for t in tasks:
+                if self._claims.get((scope, int(t)), ("",))[0] == owner:
+                    del self._claims[(scope, int(t))]
 
     def add_error(self, job_id: str, task_id, message: str) -> None:
         with self._lock:
@@ -145,7 +257,10 @@ class MemoryStore:
 
 
 class RedisStore:
-    """Jobs shared by the service and every worker; kept `ttl` seconds after they end."""
+    """Jobs shared by the service and every worker; kept `ttl` seconds after they end.
+
+    The scripts touch keys they build from their arguments: a single Redis (or a primary), not a cluster.
+    """
 
     prefix = "sam3:job:"
     index = "sam3:jobs"
@@ -153,33 +268,42 @@ class RedisStore:
     def __init__(self, redis, ttl: int = 7 * 86400):
         self.r = redis
         self.ttl = ttl
+        self._create = redis.register_script(_CREATE)
         self._finish = redis.register_script(_FINISH)
         self._transition = redis.register_script(_TRANSITION)
+        self._claim = redis.register_script(_CLAIM)
+        self._release = redis.register_script(_RELEASE)
 
-    def _keys(self, job_id: str) -> tuple[str, str, str, str, str]:
+    def _keys(self, job_id: str) -> tuple[str, ...]:
         k = self.prefix + job_id
-        return k, k + ":done", k + ":workers", k + ":errors", k + ":chunks"
+        return k, k + ":done", k + ":workers", k + ":errors", k + ":chunks", k + ":chunks_done", k + ":enqueued"
 
-    def create(self, job_id: str, fields: dict) -> None:
+    def create(self, job_id: str, fields: dict, scope: str | None = None) -> None:
         key = self._keys(job_id)[0]
-        with self.r.pipeline() as p:
-            p.hset(key, mapping={**{c: 0 for c in COUNTERS}, **{k: json.dumps(v) for k, v in fields.items()}})
-            p.zadd(self.index, {job_id: fields["created_at"]})
-            p.execute()
+        lock = f"sam3:lock:{scope}" if scope else key
+        args = [job_id, fields["created_at"], "1" if scope else "0"]
+        for k, v in {**{c: 0 for c in COUNTERS}, **{k: json.dumps(v) for k, v in fields.items()},
+                     "lock": json.dumps(lock if scope else None)}.items():
+            args += [k, v]
+        holder = self._create(keys=[key, self.index, lock], args=args)
+        if holder:
+            raise _conflict(holder.decode(), scope)
 
     def get(self, job_id: str) -> dict | None:
-        key, _, workers, errors, _ = self._keys(job_id)
+        key, _, workers, errors, _, chunks_done, _ = self._keys(job_id)
         with self.r.pipeline() as p:
             p.hgetall(key)
             p.hgetall(workers)
             p.lrange(errors, 0, MAX_ERRORS - 1)
-            raw, per_worker, errs = p.execute()
+            p.scard(chunks_done)
+            raw, per_worker, errs, n_chunks = p.execute()
         if not raw:
             return None
         out = {}
         for k, v in raw.items():
             k = k.decode()
             out[k] = int(v) if k in COUNTERS else json.loads(v)
+        out["chunks_done"] = int(n_chunks)
         out["workers"] = {k.decode(): int(v) for k, v in per_worker.items()}
         out["errors"] = [json.loads(e) for e in errs]
         return out
@@ -197,8 +321,6 @@ class RedisStore:
 
     def set(self, job_id: str, **fields) -> None:
         self.r.hset(self._keys(job_id)[0], mapping={k: json.dumps(v) for k, v in fields.items()})
-        if fields.get("status") in ("succeeded", "failed", "cancelled"):
-            self._expire(job_id)
 
     def status(self, job_id: str) -> str | None:
         raw = self.r.hget(self._keys(job_id)[0], "status")
@@ -216,24 +338,43 @@ class RedisStore:
         for k, v in fields.items():
             args += [k, json.dumps(v)]
         ok = bool(self._transition(keys=[self._keys(job_id)[0]], args=args))
-        if ok and fields.get("status") in ("succeeded", "failed", "cancelled"):
+        if ok and fields.get("status") in FINAL:
             self._expire(job_id)
         return ok
-
-    def incr(self, job_id: str, field: str, n: int = 1) -> int:
-        return int(self.r.hincrby(self._keys(job_id)[0], field, n))
 
     def finish(self, job_id: str, outcome: str, tasks: dict[int, int], worker: str = "") -> int:
         if not tasks:
             return 0
-        key, done, workers, _, _ = self._keys(job_id)
+        key, done, workers = self._keys(job_id)[:3]
         args = [outcome, worker]
         for t, regions in tasks.items():
             args += [int(t), int(regions)]
         return int(self._finish(keys=[key, done, workers], args=args))
 
+    def finish_chunk(self, job_id: str, index: int) -> int:
+        key = self._keys(job_id)[5]
+        with self.r.pipeline() as p:
+            p.sadd(key, int(index))
+            p.scard(key)
+            return int(p.execute()[1])
+
+    def first_time(self, job_id: str, mark: str) -> bool:
+        return bool(self.r.sadd(self._keys(job_id)[6], mark))
+
     def done(self, job_id: str) -> set[int]:
         return {int(t) for t in self.r.smembers(self._keys(job_id)[1])}
+
+    def claim(self, scope: str, tasks, owner: str, lease: float) -> set[int]:
+        tasks = [int(t) for t in tasks]
+        if not tasks:
+            return set()
+        held = self._claim(keys=[], args=[f"sam3:claim:{scope}:", owner, int(lease * 1000), *tasks])
+        return {int(t) for t in held}
+
+    def release(self, scope: str, tasks, owner: str) -> None:
+        tasks = [int(t) for t in tasks]
+        if tasks:
+            self._release(keys=[], args=[f"sam3:claim:{scope}:", owner, *tasks])
 
     def add_error(self, job_id: str, task_id, message: str) -> None:
         key = self._keys(job_id)[3]

@@ -20,9 +20,9 @@ import torch
 from PIL import Image
 from pipeline import forward_seconds
 
-from backend import dispatch, jobs
+from backend import jobs, labelstudio, runner
 from backend.config import Settings
-from backend.model import Runtime
+from backend.runtime import Runtime
 from backend.store import MemoryStore
 
 CONFIG = ('<View><Image name="image" value="$image"/><PolygonLabels name="poly" toName="image">'
@@ -56,12 +56,12 @@ def main() -> None:
     settings = Settings(model=args.checkpoint, device=args.device, label_studio_url=args.ls_url,
                         label_studio_api_key=args.token)
     runtime = Runtime(settings).load()
-    store, api = MemoryStore(), dispatch.api_from(settings)
+    store, api = MemoryStore(), labelstudio.api_for(settings, labelstudio.connect(settings))
     job = jobs.create(store, api, settings, runtime, {"project": pid, "thresholds": {"confidence": args.confidence,
                                                                                      "max_detections": 5}})
     ctx = jobs.Context(settings, runtime, store, api)
     f0, t0 = forward_seconds(), time.perf_counter()
-    stages = [jobs.run_chunk(ctx, job["id"], chunk) for chunk in jobs.plan(ctx, job["id"])]
+    stages = [runner.run_chunk(ctx, job["id"], i, chunk) for i, chunk in enumerate(runner.plan(ctx, job["id"]))]
     total, forward = time.perf_counter() - t0, forward_seconds() - f0
     split = {k: sum(getattr(s, k) for s in stages) for k in ("fetch", "encode", "decode", "post", "regions", "upload")}
     job = store.get(job["id"])

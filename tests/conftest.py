@@ -129,3 +129,28 @@ def label_studio(tmp_path_factory):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+@pytest.fixture(scope="session")
+def personal_access_token(label_studio) -> str:
+    """The admin's personal access token (Label Studio keeps one per user: made once per session)."""
+    url, headers, _ = label_studio
+    r = requests.post(f"{url}/api/token/", headers=headers)
+    assert r.status_code in (200, 201), r.text
+    return r.json()["token"]
+
+
+def serve(checkpoint, log_path, **env) -> tuple[str, subprocess.Popen]:
+    """`label-studio-sam3 serve` as users start it (console script, gunicorn), on a free loopback port."""
+    import sys
+
+    port = free_port()
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "BASIC_AUTH_", "SAM3_"))}
+    full.update(SAM3_MODEL=checkpoint, DEVICE="cpu", LOG_LEVEL="DEBUG", **env)
+    exe = Path(sys.executable).with_name("label-studio-sam3")
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen([str(exe), "serve", "--host", "127.0.0.1", "--port", str(port)], stdout=out,
+                                stderr=subprocess.STDOUT, env=full)
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/health", proc, 120, log_path)  # 200 only once the model is loaded
+    return url, proc

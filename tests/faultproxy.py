@@ -2,6 +2,7 @@
 
 Every `every`-th request gets a fault, cycling through `kinds`:
 - "429": answered 429 with Retry-After, never forwarded;
+- "500": answered 500, never forwarded;
 - "500-after": forwarded (Label Studio applies it), then answered 500;
 - "drop-before": the connection is closed without forwarding;
 - "drop-after": forwarded (applied), then the connection is closed without an answer.
@@ -49,6 +50,8 @@ class FaultProxy:
                         proxy.faults[(kind, *where)] += 1
                 if kind == "429":
                     return self._reply(429, b'{"detail": "slow down"}', {"Retry-After": "1"})
+                if kind == "500":
+                    return self._reply(500, b'{"detail": "injected"}', {})
                 if kind == "drop-before":
                     return self._drop()
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP}

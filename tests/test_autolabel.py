@@ -189,11 +189,35 @@ def test_env_ontology_applies_when_setup_has_none(settings, stub):
 
 
 def test_each_image_is_encoded_once_in_chunks(settings, engine):
+    tasks = [{"id": i, "data": {"image": data_uri(make_image(seed=100 + i))}} for i in range(6)]
     client = create_app(settings, engine=engine).test_client()
     before = engine.vit_passes
-    tasks = [{"id": i, "data": {"image": data_uri(make_image(seed=100 + i))}} for i in range(6)]
+    assert len(batch(client, tasks).get_json()["results"]) == 6
+    assert engine.vit_passes - before == 6  # the service: one image per forward, so a click waits for one at most
+    settings.encode_batch = 4  # a worker: no clicks wait on it
+    tasks = [{"id": i, "data": {"image": data_uri(make_image(seed=200 + i))}} for i in range(6)]
+    client = create_app(settings, engine=engine).test_client()
+    before = engine.vit_passes
     assert len(batch(client, tasks).get_json()["results"]) == 6
     assert engine.vit_passes - before == 2  # two chunks of up to 4 images, one ViT forward each
+
+
+def test_a_failing_batch_encode_falls_back_to_one_image_at_a_time(settings, engine, monkeypatch):
+    settings.encode_batch = 4
+    bad = make_image(seed=666)
+    real = engine.encode_many
+
+    def encode_many(images, keys=None):  # out of memory for any batch holding the bad image
+        if any(im.tobytes() == bad.tobytes() for im in images):
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(images, keys)
+
+    monkeypatch.setattr(engine, "encode_many", encode_many)
+    images = [make_image(seed=300 + i) for i in range(3)] + [bad]
+    tasks = [{"id": i, "data": {"image": data_uri(im)}} for i, im in enumerate(images)]
+    results = batch(create_app(settings, engine=engine).test_client(), tasks).get_json()["results"]
+    assert ["result" in r for r in results] == [True, True, True, False]  # only the image that fails alone fails
+    assert "out of memory" in results[3]["error"]
 
 
 def test_each_image_is_fetched_once_and_results_keep_input_order():
@@ -270,3 +294,30 @@ def test_unknown_extra_params_are_named(settings, engine):
     client = create_app(settings, engine=engine).test_client()
     r = client.post("/setup", json={"project": "9.1", "schema": CONFIG, "extra_params": {"threshold": 0.3}})
     assert r.status_code == 400 and "unknown extra param(s) ['threshold']" in r.get_json()["error"]
+
+
+def test_a_batch_stops_at_its_budget_and_hands_the_rest_on(settings, stub, monkeypatch):
+    import time as _time
+
+    real = stub.encode_many
+
+    def slow(images, keys=None):  # 0.3 s per image
+        _time.sleep(0.3 * len(images))
+        return real(images, keys)
+
+    monkeypatch.setattr(stub, "encode_many", slow)
+    settings.predict_budget = 1.0
+    from backend.model import SAM3Backend
+    from backend.runtime import Runtime
+
+    model = SAM3Backend(label_config=CONFIG, settings=settings, runtime=Runtime(settings, stub))
+    tasks = [{"id": i, "data": {"image": data_uri(make_image(seed=400 + i))}} for i in range(8)]
+    handed = []
+    t0 = _time.perf_counter()
+    answers = model.predict(tasks, handoff=lambda rest: handed.append([t["id"] for t in rest]) or "job42")
+    took = _time.perf_counter() - t0
+    assert took < 2.0 and len(answers) == 8  # one answer per task, in order, within the budget
+    done = sum("result" in a for a in answers)
+    assert 2 <= done <= 4 and all("result" in a for a in answers[:done])
+    assert handed == [[t["id"] for t in tasks[done:]]]
+    assert all("result" not in a and "background job job42" in a["error"] for a in answers[done:])

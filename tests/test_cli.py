@@ -44,3 +44,43 @@ def test_predict_refuses_prompts_for_labels_missing_from_the_config(checkpoint, 
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2
     assert "['car']" in r.stderr and "valid labels: cat" in r.stderr
+
+
+def run(*argv, env=None, timeout=300):
+    import os
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "BASIC_AUTH_", "REDIS_URL"))}
+    return subprocess.run([EXE, *argv], capture_output=True, text=True, timeout=timeout, env={**base, **(env or {})})
+
+
+def test_predict_says_what_is_missing_and_fails_when_nothing_could_be_read(checkpoint, tmp_path):
+    make_image().save(tmp_path / "a.png")
+    r = run("predict", str(tmp_path / "a.png"), "--out", str(tmp_path / "out"), "--model", checkpoint)
+    assert r.returncode == 2 and "give at least one --prompt" in r.stderr
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    r = run("predict", str(tmp_path / "broken.png"), str(tmp_path / "missing.png"), "--prompt", "cat", "--out",
+            str(tmp_path / "out"), "--model", checkpoint, "--device", "cpu")
+    assert r.returncode == 1, r.stderr
+    assert "not a readable image" in r.stderr and "cannot read" in r.stderr and "2 of 2 images" in r.stderr
+    assert "error" in json.loads((tmp_path / "out" / "broken.json").read_text())
+    r = run("predict", str(tmp_path / "a.png"), "--prompt", "cat", "--out", str(tmp_path / "out"), "--model",
+            checkpoint, "--device", "cpu")
+    assert r.returncode == 0 and "0 regions" in r.stdout
+    assert "try a lower --threshold" in r.stderr  # the tiny model scores ~0.25, under the default 0.5
+
+
+def test_a_busy_port_and_an_unreachable_redis_are_one_clear_line(checkpoint):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = run("serve", "--host", "127.0.0.1", "--port", str(port), env={"SAM3_MODEL": checkpoint}, timeout=60)
+    assert r.returncode == 2 and "Address already in use" in r.stderr and "--port N" in r.stderr
+    down = {"REDIS_URL": "redis://127.0.0.1:1/0", "SAM3_MODEL": checkpoint}
+    for argv in (["jobs"], ["worker"]):
+        r = run(*argv, env={**down, "LABEL_STUDIO_URL": "http://127.0.0.1:9", "LABEL_STUDIO_API_KEY": "k"},
+                timeout=60)
+        assert r.returncode == 2 and "Redis at REDIS_URL=redis://127.0.0.1:1/0 is not answering" in r.stderr
+        assert "Traceback" not in r.stderr and "loaded" not in r.stderr  # the worker checks before loading

@@ -1,37 +1,20 @@
 """End to end: a real Label Studio (own virtualenv) talks to `label-studio-sam3 serve` over HTTP."""
-import os
 import re
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import requests
 
-from conftest import CONFIG, free_port, keypoint, make_image, png_bytes, wait_http
+from conftest import CONFIG, keypoint, make_image, png_bytes, serve
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
 def backend_url(checkpoint, tmp_path_factory):
-    """The service exactly as users start it: the console script, gunicorn, the model from a folder."""
-    port = free_port()
+    """The service exactly as users start it; the token comes from Label Studio's /setup."""
     log = tmp_path_factory.mktemp("backend") / "backend.log"
-    env = dict(os.environ, SAM3_MODEL=checkpoint, DEVICE="cpu", LOG_LEVEL="DEBUG")
-    for key in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "BASIC_AUTH_USER"):
-        env.pop(key, None)  # the token must come from Label Studio's /setup
-    exe = Path(sys.executable).with_name("label-studio-sam3")
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([str(exe), "serve", "--host", "127.0.0.1", "--port", str(port)], stdout=out,
-                                stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
+    url, proc = serve(checkpoint, log)
     try:
-        wait_http(url + "/health", proc, 120, log)
-        deadline = time.time() + 60
-        while requests.get(url + "/health").json()["model_state"] == "loading" and time.time() < deadline:
-            time.sleep(0.5)
         yield url, log
     finally:
         proc.terminate()
@@ -104,3 +87,42 @@ def test_batch_predictions_are_stored_one_per_task(label_studio, project, backen
         for region in pred["result"]:
             assert region["type"] == "polygonlabels" and region["value"]["polygonlabels"][0] in ("cat", "dog")
             assert 0 < region["score"] <= 1
+
+
+def test_retrieve_stores_no_result_for_a_failed_task_and_labels_it_once_the_cause_is_gone(label_studio, checkpoint,
+                                                                                         tmp_path):
+    from imageserver import ImageServer
+
+    ls, headers, _ = label_studio
+    images = ImageServer({"/ok.png": png_bytes(make_image(seed=3))})  # /late.png: 404 for now
+    backend, proc = serve(checkpoint, tmp_path / "backend.log", SAM3_ALLOWED_HOSTS=images.url.split("//")[1])
+    try:
+        r = requests.post(f"{ls}/api/projects", headers=headers, json={"title": "failures", "label_config": CONFIG})
+        pid = r.json()["id"]
+        r = requests.post(f"{ls}/api/projects/{pid}/import", headers=headers,
+                          json=[{"image": f"{images.url}/ok.png"}, {"image": f"{images.url}/late.png"}])
+        assert r.status_code == 201, r.text
+        ok, late = sorted(t["id"] for t in requests.get(f"{ls}/api/tasks", params={"project": pid},
+                                                        headers=headers).json()["tasks"])
+        r = requests.post(f"{ls}/api/ml", headers=headers, json={
+            "url": backend, "project": pid, "title": "SAM 3", "extra_params": {"thresholds": {"confidence": 0.0}}})
+        mv = r.json()["model_version"]
+
+        def retrieve():
+            r = requests.post(f"{ls}/api/dm/actions", params={"id": "retrieve_tasks_predictions", "project": pid},
+                              headers=headers, json={"selectedItems": {"all": True, "excluded": []}})
+            assert r.status_code == 200, r.text
+            return {t: requests.get(f"{ls}/api/predictions", params={"task": t}, headers=headers).json()
+                    for t in (ok, late)}
+
+        preds = retrieve()
+        assert [p["model_version"] for p in preds[ok]] == [mv] and preds[ok][0]["result"]
+        assert preds[late] == []  # no empty "result" that would mark the task as done by this model_version
+        images.files["/late.png"] = png_bytes(make_image(seed=4))  # the cause is gone
+        preds = retrieve()
+        assert [p["model_version"] for p in preds[late]] == [mv] and preds[late][0]["result"]
+        assert len(preds[ok]) == 1  # not labelled twice
+    finally:
+        images.close()
+        proc.terminate()
+        proc.wait(30)

@@ -99,3 +99,37 @@ def test_cache_is_bounded_by_bytes_and_evicts_least_recent():
     assert "b" in cache and "c" not in cache and "d" in cache
     cache.put(Encoding("huge", 1, 1, None, [], 1000))  # larger than the whole cache: not kept
     assert "huge" not in cache and cache.total == 200
+
+
+def test_a_waiting_click_goes_before_waiting_bulk_work():
+    import threading
+    import time
+
+    from backend.engine import PriorityLock
+
+    lock, order = PriorityLock(), []
+    holding = threading.Event()
+
+    def bulk_forward(name):
+        with lock:
+            order.append(name)
+            time.sleep(0.05)
+
+    def click():
+        with lock.urgent(), lock:
+            order.append("click")
+
+    with lock:  # a forward pass is in progress
+        holding.set()
+        waiting = [threading.Thread(target=bulk_forward, args=(f"bulk{i}",)) for i in range(3)]
+        for t in waiting:
+            t.start()
+        time.sleep(0.1)  # three bulk forwards queue up first
+        c = threading.Thread(target=click)
+        c.start()
+        time.sleep(0.1)
+    for t in [*waiting, c]:
+        t.join(5)
+    assert order[0] == "click" and sorted(order[1:]) == ["bulk0", "bulk1", "bulk2"]
+    with lock, lock:  # reentrant in one thread
+        pass

@@ -499,3 +499,19 @@ def test_typed_prompts_follow_the_project_thresholds(settings, engine, monkeypat
         r = predict(c, {"result": [text("kitty")]})
         counts[str(extra)] = len(r.get_json()["results"][0]["result"])
     assert list(counts.values()) == [1, 2, 3, 2]  # the same rule as batch and jobs
+
+
+def test_label_studio_reads_a_refused_click_in_the_prompt_box_other_clients_get_a_4xx(client):
+    context = {"result": [text("red car")]}
+    r = predict(client, context)
+    assert r.status_code == 400 and "no label for this prompt" in r.get_json()["error"]
+    r = client.post(
+        "/predict", headers={"User-Agent": "heartex/1.23.2"},
+        json={"tasks": [{"id": 7, "data": {"image": data_uri(make_image())}}], "project": "3.1", "label_config": CONFIG,
+              "params": {"context": context}})
+    assert r.status_code == 200
+    [answer] = r.get_json()["results"]
+    assert "no label for this prompt" in answer["error"]
+    [line] = answer["result"]
+    assert (line["type"], line["from_name"], line["to_name"]) == ("textarea", "prompt", "image")
+    assert line["value"]["text"][0] == "red car" and line["value"]["text"][1].startswith("SAM 3 could not answer: no label")

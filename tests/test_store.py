@@ -6,7 +6,7 @@ import pytest
 from redis import Redis
 
 from backend.retry import Backoff, Transient, retry_after, with_retries
-from backend.store import MemoryStore, RedisStore
+from backend.store import Conflict, MemoryStore, RedisStore
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
 
@@ -68,9 +68,9 @@ def test_errors_keep_the_latest_twenty_and_chunks_round_trip(store):
     assert store.chunks("j1") is None
     store.set_chunks("j1", [[1, 2], [3]])
     assert store.chunks("j1") == [[1, 2], [3]]
-    store.incr("j1", "chunks_done")
     store.set("j1", total=3, chunks_total=2)
-    assert (store.get("j1")["total"], store.get("j1")["chunks_done"]) == (3, 1)
+    assert (store.finish_chunk("j1", 0), store.finish_chunk("j1", 0), store.finish_chunk("j1", 1)) == (1, 1, 2)
+    assert (store.get("j1")["total"], store.get("j1")["chunks_done"]) == (3, 2)  # a chunk counts once
 
 
 def test_redis_jobs_expire_after_they_end():
@@ -112,3 +112,41 @@ def test_retry_after_reads_seconds_and_http_dates():
     assert retry_after(R(None)) is None
     future = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 30))
     assert 25 <= retry_after(R(future)) <= 31
+
+
+def test_one_active_job_per_scope_and_the_lock_goes_with_the_job(store):
+    store.create("a", {"id": "a", "status": "queued", "created_at": 1.0}, scope="7:mv1")
+    with pytest.raises(Conflict) as e:
+        store.create("b", {"id": "b", "status": "queued", "created_at": 2.0}, scope="7:mv1")
+    assert e.value.status == 409 and e.value.job_id == "a" and "job a" in e.value.message
+    assert store.get("b") is None  # nothing stored for the refused job
+    store.create("c", {"id": "c", "status": "queued", "created_at": 3.0}, scope="7:mv2")  # another version
+    store.create("d", {"id": "d", "status": "queued", "created_at": 4.0})  # a dry run locks nothing
+    assert store.transition("a", ("queued",), status="running")
+    with pytest.raises(Conflict):
+        store.create("b", {"id": "b", "status": "queued", "created_at": 2.0}, scope="7:mv1")
+    assert store.transition("a", ("running",), status="succeeded")  # final: the lock is free
+    store.create("b", {"id": "b", "status": "queued", "created_at": 5.0}, scope="7:mv1")
+    with pytest.raises(Conflict) as e:
+        store.create("e", {"id": "e", "status": "queued", "created_at": 6.0}, scope="7:mv1")
+    assert e.value.job_id == "b"
+
+
+def test_claims_give_a_task_to_one_owner_until_released_or_lapsed(store):
+    assert store.claim("7:mv", [1, 2, 3], "w1", lease=0.5) == {1, 2, 3}
+    assert store.claim("7:mv", [2, 3, 4], "w2", lease=0.5) == {4}  # 2 and 3 are w1's
+    assert store.claim("7:mv", [1, 2], "w1", lease=0.5) == {1, 2}  # renewed
+    assert store.claim("8:mv", [1], "w2", lease=0.5) == {1}  # another scope
+    store.release("7:mv", [1], "w2")  # not w2's: nothing happens
+    assert store.claim("7:mv", [1], "w2", lease=0.5) == set()
+    store.release("7:mv", [1], "w1")
+    assert store.claim("7:mv", [1], "w2", lease=0.5) == {1}
+    time.sleep(0.7)  # w1 went silent: its leases lapse
+    assert store.claim("7:mv", [2, 3], "w2", lease=5) == {2, 3}
+    assert store.claim("7:mv", [2, 3], "w1", lease=5) == set()
+
+
+def test_first_time_is_true_once(store):
+    new(store, "j1", 1.0)
+    assert [store.first_time("j1", "chunk:0"), store.first_time("j1", "chunk:0"),
+            store.first_time("j1", "chunk:1")] == [True, False, True]

@@ -1,0 +1,94 @@
+"""Posting predictions to Label Studio, exactly once per (task, model_version).
+
+- A post that may have been applied (a 5xx, a connection dropped after sending) is followed by a look at the
+  tasks before anything is posted again; only predictions Label Studio did not hold before count as ours.
+- `overwrite` posts the new prediction first and deletes this backend's older ones afterwards, so a task never
+  has neither.
+Who may post a task at all is decided before (the runner's claim on it); this module only posts.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+from .errors import BackendError
+from .labelstudio import LabelStudioAPI
+from .retry import Backoff, Transient
+
+log = logging.getLogger(__name__)
+
+
+class Skip(Exception):
+    """The task needs no prediction (annotated, or already predicted by this model_version)."""
+
+
+def has_prediction(task: dict, mv: str, besides: set[int] = frozenset()) -> bool:
+    """Does the task hold a prediction of `mv` (other than the ids in `besides`)?"""
+    return any(p.get("model_version") == mv and p.get("id") not in besides for p in task.get("predictions") or [])
+
+
+def own_predictions(task: dict, mv: str, own_prefix: str) -> list[int]:
+    """Ids of this backend's predictions of the task made with the same checkpoint (any ontology)."""
+    out = []
+    for p in task.get("predictions") or []:
+        version = str(p.get("model_version") or "")
+        if version == mv or version == own_prefix or version.startswith(own_prefix + "-"):
+            out.append(p["id"])
+    return out
+
+
+def post_predictions(api: LabelStudioAPI, project: int, mv: str, predictions: dict[int, dict], backoff: Backoff,
+                     before: dict[int, set[int]] | None = None) -> tuple[dict[int, int], dict[int, str]]:
+    """Bulk-import predictions; returns ({task: regions} posted, {task: error} given up on).
+
+    `before` holds the prediction ids each task had when it was read: a prediction of `mv` that is not among
+    them after a failed attempt is the one this attempt stored.
+    """
+    before = before or {}
+    remaining = dict(predictions)
+    posted: dict[int, int] = {}
+    last = ""
+    for attempt in range(1, backoff.attempts + 1):
+        try:
+            api.import_predictions(project, [{"task": t, **p} for t, p in remaining.items()])
+            posted.update({t: len(p["result"]) for t, p in remaining.items()})
+            return posted, {}
+        except BackendError as e:  # refused outright: find the task(s) it refuses
+            if len(remaining) == 1:
+                return posted, {t: f"Label Studio refused the prediction: {e.message}" for t in remaining}
+            failed = {}
+            for t, p in remaining.items():
+                one_posted, one_failed = post_predictions(api, project, mv, {t: p}, backoff, before)
+                posted.update(one_posted)
+                failed.update(one_failed)
+            return posted, failed
+        except Transient as e:
+            last = str(e)
+            if attempt == backoff.attempts:
+                break
+            time.sleep(backoff.delay(attempt, e.after))
+        try:
+            for t in list(remaining):
+                if has_prediction(api.task(t), mv, before.get(t, set())):
+                    posted[t] = len(remaining.pop(t)["result"])
+        except (Transient, BackendError) as e:
+            # Cannot tell what was stored: posting again could duplicate. A later run finishes them.
+            return posted, {t: f"could not verify the prediction was stored: {e}" for t in remaining}
+        if not remaining:
+            return posted, {}
+    return posted, {t: f"gave up posting after {backoff.attempts} attempts: {last}" for t in remaining}
+
+
+def save(api: LabelStudioAPI, project: int, mv: str, predictions: dict[int, dict], tasks: dict[int, dict],
+         own_prefix: str, overwrite: bool, backoff: Backoff) -> tuple[dict[int, int], dict[int, str]]:
+    """Post, then (with `overwrite`) delete the older predictions of this backend that were read with the task."""
+    before = {t: {p.get("id") for p in tasks[t].get("predictions") or []} for t in predictions}
+    posted, failed = post_predictions(api, project, mv, predictions, backoff, before)
+    if overwrite:
+        for t in posted:
+            for old in own_predictions(tasks[t], mv, own_prefix):
+                try:
+                    api.delete_prediction(old)
+                except (Transient, BackendError) as e:  # the new one stands; the old one stays beside it
+                    log.warning("task %s: could not delete the replaced prediction %s: %s", t, old, e)
+    return posted, failed

@@ -1,0 +1,147 @@
+"""A person in Label Studio's web UI (headless Chromium): connect the model through the Settings form with
+Extra params typed in, click and type in the labelling view, submit; and read, in the UI, why the backend
+could not answer. Screenshots of every step: out/browser/<test>/.
+"""
+import re
+from pathlib import Path
+
+import pytest
+import requests
+from PIL import Image, ImageDraw
+
+from browser import Browser
+from conftest import png_bytes, serve
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parents[1]
+README_CONFIG = re.findall(r"```xml\n(.*?)```", (ROOT / "README.md").read_text(), re.S)[0]  # the polygon config
+ADMIN = ("admin@example.com", "e2e-Passw0rd")  # the label_studio fixture's admin
+# Typed into the form as a person types it (Label Studio sends it to /setup as a JSON string). The tiny random
+# model scores every instance about 0.25: a zero threshold lets the typed prompt find some.
+EXTRA = '{"thresholds": {"confidence": 0.0, "max_detections": 3}}'
+
+
+def disk_image() -> bytes:
+    img = Image.new("RGB", (640, 480), (235, 235, 235))
+    ImageDraw.Draw(img).ellipse((200, 140, 440, 380), fill=(200, 90, 40))
+    return png_bytes(img)
+
+
+def new_project(label_studio, title: str) -> tuple[int, int]:
+    url, headers, _ = label_studio
+    r = requests.post(f"{url}/api/projects", headers=headers, json={
+        "title": title, "label_config": README_CONFIG,
+        # a person clicks on an empty image: no prediction is asked for when the task opens
+        "show_collab_predictions": False, "evaluate_predictions_automatically": False})
+    assert r.status_code == 201, r.text
+    pid = r.json()["id"]
+    r = requests.post(f"{url}/api/projects/{pid}/import", headers=headers,
+                      files={"file": ("disk.png", disk_image(), "image/png")})
+    assert r.status_code == 201, r.text
+    task = requests.get(f"{url}/api/tasks", params={"project": pid}, headers=headers).json()["tasks"][0]
+    return pid, task["id"]
+
+
+@pytest.fixture(scope="module")
+def backend(checkpoint, tmp_path_factory):
+    url, proc = serve(checkpoint, tmp_path_factory.mktemp("browser-backend") / "backend.log")
+    yield url
+    proc.terminate()
+    proc.wait(30)
+
+
+@pytest.fixture
+def browser(label_studio, request):
+    b = Browser(label_studio[0], request.node.name)
+    b.login(*ADMIN)
+    yield b
+    b.close()
+
+
+def test_a_person_connects_the_model_clicks_types_and_submits(label_studio, backend, browser):
+    url, headers, _ = label_studio
+    pid, tid = new_project(label_studio, "SAM 3 in the browser")
+    b = browser
+    b.connect_model(pid, backend, extra_params=EXTRA)
+    b.text_present("Connected")
+    b.shot("model connected")
+    [ml] = requests.get(f"{url}/api/ml", params={"project": pid}, headers=headers).json()
+    assert ml["state"] == "CO" and ml["is_interactive"] is True
+    assert ml["model_version"].startswith(requests.get(backend + "/health").json()["model_version"] + "-")
+
+    b.open_task(pid, tid)
+    b.toggle("Auto-Annotation")
+    b.toggle("Auto-Accept Suggestions")
+    b.pick_label("cat")
+    b.smart_tool()
+    b.shot("label and smart tool picked")
+    b.click_image()  # on the disk, in the middle of the image
+    b.wait(lambda: ("polygonregion", ["cat"]) in [tuple(r) for r in b.regions()], 30, "a cat polygon")
+    b.shot("click turned into a polygon")
+
+    b.type_prompt("dog")  # a label name typed as the prompt: every instance, labelled dog
+    b.wait(lambda: ("polygonregion", ["dog"]) in [tuple(r) for r in b.regions()], 30, "dog polygons")
+    b.shot("typed prompt turned into polygons")
+    b.button("Submit").click()
+    annotations = b.wait(lambda: requests.get(f"{url}/api/tasks/{tid}/annotations", headers=headers).json(),
+                         what="the stored annotation")
+    b.shot("submitted")
+    [annotation] = annotations
+    polygons = [r for r in annotation["result"] if r["type"] == "polygonlabels"]
+    assert {r["value"]["polygonlabels"][0] for r in polygons} == {"cat", "dog"}
+    for r in polygons:
+        assert r["original_width"] == 640 and len(r["value"]["points"]) >= 3
+        assert all(0 <= x <= 100 and 0 <= y <= 100 for x, y in r["value"]["points"])
+
+
+def test_a_person_reads_why_the_backend_cannot_answer(label_studio, backend, browser, checkpoint, tmp_path,
+                                                     personal_access_token):
+    url, headers, _ = label_studio
+    b = browser
+    # An annotator's prompt the backend cannot place: the reason appears under the prompt box.
+    pid, tid = new_project(label_studio, "SAM 3 says why")
+    r = requests.post(f"{url}/api/ml", headers=headers, json={"url": backend, "project": pid, "title": "SAM 3",
+                                                              "is_interactive": True})
+    assert r.status_code == 201, r.text
+    b.open_task(pid, tid)
+    b.toggle("Auto-Annotation")
+    b.type_prompt("red car")  # no label selected, and "red car" names none
+    b.show(b.text_present("SAM 3 could not answer: no label for this prompt")[0])
+    b.shot("the annotator reads why")
+
+    # Legacy tokens off (Label Studio's default since 1.20): the admin reads what to set, in the form.
+    pid2, tid2 = new_project(label_studio, "legacy tokens off")
+    access = requests.post(f"{url}/api/token/refresh/", json={"refresh": personal_access_token}).json()["access"]
+    bearer = {"Authorization": f"Bearer {access}"}
+    r = requests.post(f"{url}/api/jwt/settings", headers=bearer, json={"legacy_api_tokens_enabled": False,
+                                                                       "api_tokens_enabled": True})
+    assert r.status_code in (200, 201), r.text
+    fixed = None
+    try:
+        b.connect_model(pid2, backend)
+        b.text_present("legacy token authentication has been disabled")
+        b.text_present("set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
+        b.shot("the admin reads what to set")
+        # ... and once it is set (a personal access token), the same project connects and a click works.
+        ls_url = url.replace("127.0.0.1", "localhost")  # how Label Studio names itself: the images' origin
+        fixed, proc = serve(checkpoint, tmp_path / "fixed.log", LABEL_STUDIO_URL=ls_url,
+                            LABEL_STUDIO_API_KEY=personal_access_token)
+        b.d.refresh()
+        b.connect_model(pid2, fixed)
+        b.text_present("Connected")
+        b.open_task(pid2, tid2)
+        b.toggle("Auto-Annotation")
+        b.toggle("Auto-Accept Suggestions")
+        b.pick_label("dog")
+        b.smart_tool()
+        b.click_image()
+        b.wait(lambda: ("polygonregion", ["dog"]) in [tuple(r) for r in b.regions()], 30, "a dog polygon")
+        b.shot("with a personal access token the click works")
+        log = (tmp_path / "fixed.log").read_text()
+        assert re.search(r"fetched http://localhost:\d+/data/upload/\S+ with the Label Studio token", log), log[-2000:]
+    finally:
+        requests.post(f"{url}/api/jwt/settings", headers=bearer, json={"legacy_api_tokens_enabled": True,
+                                                                       "api_tokens_enabled": True})
+        if fixed:
+            proc.terminate()
+            proc.wait(30)
