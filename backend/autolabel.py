@@ -182,15 +182,16 @@ class AutoLabeler:
         self.chunk = chunk  # images per ViT forward
         self.stages = Stages()
 
-    def label(self, enc, entries: list[Entry] | None = None) -> Detections:
-        """Every instance on one encoded image, labelled, thresholded, de-duplicated, best first."""
+    def label(self, enc, entries: list[Entry] | None = None, exemplars=()) -> Detections:
+        """Every instance on one encoded image, labelled, thresholded, de-duplicated, best first
+        (`exemplars`: boxes the instances should look like, or not; see `Sam3Engine.detect`)."""
         t0 = time.perf_counter()
         entries = self.entries if entries is None else entries
         prompts = list(dict.fromkeys(e.prompt for e in entries))
         # The lowest threshold any entry of a prompt uses, so the engine upsamples only what may be kept.
         floor = min(self.thresholds.for_label(e.label, e.threshold) for e in entries)
         found = dict(zip(prompts, self.engine.detect(enc, prompts, floor, self.mask_threshold,
-                                                     self.thresholds.max_detections)))
+                                                     self.thresholds.max_detections, exemplars)))
         t1 = time.perf_counter()
         masks, scores, labels = [], [], []
         for e in entries:

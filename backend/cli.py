@@ -140,7 +140,8 @@ def _predict(args) -> int:
             (out / f"{path.stem}.json").write_text(json.dumps({"data": task["data"], "error": str(error)}, indent=1))
             print(f"{path}: {getattr(error, 'message', error)}", file=sys.stderr)
             continue
-        (out / f"{path.stem}.json").write_text(json.dumps({"data": task["data"], "predictions": [prediction]}, indent=1))
+        doc = {"data": task["data"], "predictions": [prediction]}
+        (out / f"{path.stem}.json").write_text(json.dumps(doc, indent=1))
         draw(next(iter(images.values())), prediction["result"]).save(out / f"{path.stem}.png")
         counts = Counter(r["value"][r["type"]][0] for r in prediction["result"])
         regions += len(prediction["result"])

@@ -45,13 +45,17 @@ def _bool(name: str, default: bool) -> bool:
 class Settings:
     model: str = "facebook/sam3"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bf16 on CUDA and on CPUs with native bf16, else fp32) | float32 | bfloat16 | float16
     label_studio_url: str = ""
     label_studio_api_key: str = field(default="", repr=False)
     basic_auth_user: str = ""
     basic_auth_pass: str = field(default="", repr=False)
     cache_mb: float = 2048.0  # image encodings kept for warm clicks
     polygon_tolerance: float = 1.0  # pixels; Douglas-Peucker simplification
-    min_piece_area: float = 16.0  # pixels; smaller pieces of a mask are dropped
+    min_piece_area: float = 16.0  # pixels; smaller pieces of a mask are dropped, smaller holes filled
+    polygon_holes: bool = True  # holes joined into their polygon by a zero-width cut; false: plain outlines
+    max_pieces: int = 16  # polygons per instance (the largest pieces) and holes per polygon
+    max_polygon_points: int = 1000  # about this many points per polygon at most (simplified harder beyond)
     mask_threshold: float = 0.5  # probability above which a mask pixel is on
     text_threshold: float = 0.5  # score above which a text-prompt instance is kept
     ontology: str = ""  # JSON, in any format `autolabel.parse_ontology` takes
@@ -88,6 +92,7 @@ class Settings:
         return cls(
             model=_env("SAM3_MODEL", cls.model),
             device=_env("DEVICE", cls.device).lower(),
+            dtype=_env("SAM3_DTYPE", cls.dtype).lower(),
             label_studio_url=_env("LABEL_STUDIO_URL").rstrip("/"),
             label_studio_api_key=_env("LABEL_STUDIO_API_KEY"),
             basic_auth_user=_env("BASIC_AUTH_USER"),
@@ -95,6 +100,9 @@ class Settings:
             cache_mb=_float("SAM3_CACHE_MB", cls.cache_mb),
             polygon_tolerance=_float("SAM3_POLYGON_TOLERANCE", cls.polygon_tolerance),
             min_piece_area=_float("SAM3_MIN_PIECE_AREA", cls.min_piece_area),
+            polygon_holes=_bool("SAM3_POLYGON_HOLES", cls.polygon_holes),
+            max_pieces=int(_float("SAM3_MAX_PIECES", cls.max_pieces)),
+            max_polygon_points=int(_float("SAM3_MAX_POLYGON_POINTS", cls.max_polygon_points)),
             mask_threshold=_float("SAM3_MASK_THRESHOLD", cls.mask_threshold),
             text_threshold=_float("SAM3_TEXT_THRESHOLD", cls.text_threshold),
             ontology=_env("SAM3_ONTOLOGY"),
@@ -157,9 +165,9 @@ class Settings:
             if not 0 <= getattr(self, name) <= 1:
                 out.append(f"{name} must be between 0 and 1")
         for name in ("max_image_mb", "max_image_pixels", "fetch_timeout", "max_body_mb", "read_timeout",
-                     "max_prompts", "max_prompt_chars", "max_ontology", "max_projects", "max_job_tasks",
-                     "max_jobs", "encode_batch", "predict_budget", "max_detections", "fetch_retries", "api_retries", "job_chunk", "post_batch",
-                     "job_heartbeat"):
+                     "max_prompts", "max_prompt_chars", "max_ontology", "max_projects", "max_job_tasks", "max_jobs",
+                     "max_pieces", "max_polygon_points", "encode_batch", "predict_budget", "max_detections",
+                     "fetch_retries", "api_retries", "job_chunk", "post_batch", "job_heartbeat"):
             if getattr(self, name) <= 0:
                 out.append(f"{name} must be positive")
         return out

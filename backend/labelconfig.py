@@ -40,6 +40,7 @@ class LabelConfig:
     outputs: list[Control]  # preference order: polygons, brushes, boxes
     prompts: dict[str, Control]  # by control name
     images: dict[str, str] = field(default_factory=dict)  # every Image object labelled here -> its data key
+    exemplars: set[str] = field(default_factory=set)  # smart RectangleLabels with exemplars="true": find all like it
 
     @classmethod
     def parse(cls, xml: str) -> "LabelConfig":
@@ -84,7 +85,9 @@ class LabelConfig:
         keys = {o.name: (o.value or "").lstrip("$") for o in images}
         labelled = {name: keys[name] for name in dict.fromkeys(c.to_name for c in outputs)}
         image = outputs[0].to_name
-        return cls(image=image, value_key=keys[image], outputs=outputs, prompts=prompts, images=labelled)
+        exemplars = {c.name for c, a in controls if c.tag == "RectangleLabels" and _truthy(a.get("exemplars"))}
+        return cls(image=image, value_key=keys[image], outputs=[c for c in outputs if c.name not in exemplars],
+                   prompts=prompts, images=labelled, exemplars=exemplars)
 
     @property
     def labels(self) -> list[str]:

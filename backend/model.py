@@ -61,6 +61,13 @@ class SAM3Backend(LabelStudioMLBase):
                          if self.config is not None else None)
 
     @property
+    def outline(self) -> dict:
+        """How masks become polygons (`regions.to_regions`' settings)."""
+        s = self.settings
+        return {"tolerance": s.polygon_tolerance, "min_area": s.min_piece_area, "holes": s.polygon_holes,
+                "max_pieces": s.max_pieces, "max_points": s.max_polygon_points}
+
+    @property
     def model_version(self) -> str:
         """Changes with the checkpoint, the ontology or the thresholds, and only with them."""
         base = self.runtime.model_version
@@ -192,8 +199,7 @@ class SAM3Backend(LabelStudioMLBase):
             for label, group in autolabel.group_by_label(found).items():
                 for control in self.config.outputs_on(image):
                     if label in control.labels:
-                        regions += to_regions(group, control, tolerance=s.polygon_tolerance,
-                                              min_area=s.min_piece_area)
+                        regions += to_regions(group, control, **self.outline)
         return self._prediction(regions, float(np.mean(scores)) if scores else 0.0)
 
     def load_task_image(self, task: dict, image: str | None = None):
@@ -217,9 +223,12 @@ class SAM3Backend(LabelStudioMLBase):
         s = self.settings
         enc = self._encoding(engine, url)
         t0 = time.perf_counter()
-        if prompt.text:  # every instance, under the project's thresholds (the same rule as batch and jobs)
+        if prompt.text or prompt.exemplars:
+            # every instance (of the phrase, or like the exemplar boxes, named by their label), under the
+            # project's thresholds: the same rule as batch and jobs
             labeler = self.auto_labeler(engine)
-            dets = labeler.label(enc, [autolabel.Entry(prompt.text, label)])
+            dets = labeler.label(enc, [autolabel.Entry(prompt.text or label, label)],
+                                 prompt.exemplars_px(enc.width, enc.height))
         elif len(prompt.boxes) > 1:  # several boxes: one object each
             parts = [engine.segment(enc, box=b, mask_threshold=s.mask_threshold)
                      for b in prompt.boxes_px(enc.width, enc.height)]
@@ -229,7 +238,7 @@ class SAM3Backend(LabelStudioMLBase):
             mask, score = engine.segment(enc, prompt.points_px(enc.width, enc.height), prompt.point_labels, box,
                                          s.mask_threshold)
             dets = Detections(mask[None], np.array([score]), [label])
-        regions = to_regions(dets, control, tolerance=s.polygon_tolerance, min_area=s.min_piece_area)
+        regions = to_regions(dets, control, **self.outline)
         log.debug("task %s: %d regions in %.3fs", task.get("id"), len(regions), time.perf_counter() - t0)
         score = float(dets.scores.max()) if len(dets) else 0.0
         return self._prediction(regions, score)

@@ -19,20 +19,25 @@ class Prompt:
     points: list[tuple[float, float]] = field(default_factory=list)  # percent x, y
     point_labels: list[int] = field(default_factory=list)  # 1 positive, 0 negative
     boxes: list[tuple[float, float, float, float]] = field(default_factory=list)  # percent x0, y0, x1, y1
+    exemplars: list[tuple[tuple[float, float, float, float], int]] = field(default_factory=list)  # box, 1 like / 0 not
     text: str = ""
     label: str | None = None  # the label the annotator had selected
     image: str | None = None  # the Image object the prompts were made on
 
     @property
     def empty(self) -> bool:
-        return not (self.points or self.boxes or self.text)
+        return not (self.points or self.boxes or self.text or self.exemplars)
 
     def points_px(self, width: int, height: int) -> list[tuple[float, float]]:
         return [(x * width / 100.0, y * height / 100.0) for x, y in self.points]
 
-    def boxes_px(self, width: int, height: int) -> list[tuple[float, float, float, float]]:
+    def boxes_px(self, width: int, height: int, boxes=None) -> list[tuple[float, float, float, float]]:
         return [(x0 * width / 100.0, y0 * height / 100.0, x1 * width / 100.0, y1 * height / 100.0)
-                for x0, y0, x1, y1 in self.boxes]
+                for x0, y0, x1, y1 in (self.boxes if boxes is None else boxes)]
+
+    def exemplars_px(self, width: int, height: int) -> list[tuple[tuple[float, float, float, float], int]]:
+        boxes = self.boxes_px(width, height, [b for b, _ in self.exemplars])
+        return list(zip(boxes, [v for _, v in self.exemplars]))
 
 
 def _percent(value, what: str) -> float:
@@ -106,8 +111,17 @@ def parse_context(context, config: LabelConfig, max_prompts: int = 64, max_chars
                 raise BackendError(f"{where}: rectangle width and height must be positive")
             x1 = _percent(x + w, f"{where}.value.x + width")
             y1 = _percent(y + h, f"{where}.value.y + height")
-            prompt.boxes.append((x, y, x1, y1))
-            prompt.label = _first_label(value, "rectanglelabels", where) or prompt.label
+            label = _first_label(value, "rectanglelabels", where)
+            if name in config.exemplars:  # "every instance like this box" (or, drawn negative, "not like this")
+                polarity = _polarity(region, value)
+                prompt.exemplars.append(((x, y, x1, y1), polarity))
+                if polarity:
+                    prompt.label = label or prompt.label
+                else:
+                    negative_label = negative_label or label
+            else:
+                prompt.boxes.append((x, y, x1, y1))
+                prompt.label = label or prompt.label
         elif rtype == "textarea":
             text = value.get("text")
             if isinstance(text, str):

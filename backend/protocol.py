@@ -159,6 +159,7 @@ def create_app(settings: Settings | None = None, engine: Sam3Engine | None = Non
                 "model": settings.model,
                 "model_version": runtime.model_version,
                 "device": str(eng.device) if eng else settings.device,
+                "dtype": str(eng.dtype).removeprefix("torch.") if eng else settings.dtype,
                 "error": runtime.error or None,
                 "retry_in_seconds": max(0, round(runtime.retry_at - time.time())) if runtime.retry_at else None,
                 "version": __version__,

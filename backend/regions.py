@@ -23,15 +23,18 @@ def _region(control: Control, width: int, height: int, label: str, score: float,
     }
 
 
-def to_regions(dets: Detections, control: Control, *, tolerance: float = 1.0, min_area: float = 16.0) -> list[dict]:
-    """One region per instance (per piece, for polygons); every region carries its label and score."""
+def to_regions(dets: Detections, control: Control, *, tolerance: float = 1.0, min_area: float = 16.0,
+               holes: bool = True, max_pieces: int = 16, max_points: int = 1000) -> list[dict]:
+    """One region per instance (per piece, for polygons, holes included); every region carries its label
+    and score."""
     if len(dets) == 0:
         return []
     height, width = dets.masks.shape[1:]
     out = []
     for mask, score, label in zip(dets.masks, dets.scores, dets.labels):
         if control.type == "polygonlabels":
-            for poly in geometry.mask_to_polygons(mask, tolerance=tolerance, min_area=min_area):
+            for poly in geometry.mask_to_polygons(mask, tolerance=tolerance, min_area=min_area, holes=holes,
+                                                  max_pieces=max_pieces, max_points=max_points):
                 points = geometry.polygon_to_percent(poly, width, height)
                 out.append(_region(control, width, height, label, score, {"points": points, "closed": True}))
         elif control.type == "brushlabels":

@@ -96,7 +96,7 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 def load_engine(settings: Settings) -> Sam3Engine:
     """The engine, or a BackendError that says what to do: a missing folder, an unreachable or gated hub."""
     model = settings.model
-    engine = Sam3Engine(model, settings.device, int(settings.cache_mb * (1 << 20)))
+    engine = Sam3Engine(model, settings.device, int(settings.cache_mb * (1 << 20)), settings.dtype)
     if _looks_like_path(model):
         folder = Path(os.path.expanduser(model))
         if not (folder / "config.json").is_file():

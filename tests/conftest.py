@@ -41,12 +41,12 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def engine(checkpoint):
-    return Sam3Engine(checkpoint, device="cpu").load()
+    return Sam3Engine(checkpoint, device="cpu", dtype="float32").load()  # the same numbers on every CPU
 
 
 @pytest.fixture
 def settings(checkpoint):
-    return Settings(model=checkpoint, device="cpu")
+    return Settings(model=checkpoint, device="cpu", dtype="float32")
 
 
 def make_image(width=64, height=48, seed=0) -> Image.Image:

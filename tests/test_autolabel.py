@@ -32,7 +32,7 @@ def stub(engine, monkeypatch):
     """The real tiny engine (real image encoding), with a detector that returns known masks."""
     calls = []
 
-    def detect(enc, prompts, threshold=0.5, mask_threshold=0.5, max_keep=100):
+    def detect(enc, prompts, threshold=0.5, mask_threshold=0.5, max_keep=100, exemplars=()):
         calls.append(list(prompts))
         out = []
         for p in prompts:
@@ -225,7 +225,7 @@ def test_each_image_is_fetched_once_and_results_keep_input_order():
         def encode_many(self, images):
             return [SimpleNamespace(height=2, width=2, image=im) for im in images]
 
-        def detect(self, enc, prompts, threshold=0.5, mask_threshold=0.5, max_keep=100):
+        def detect(self, enc, prompts, threshold=0.5, mask_threshold=0.5, max_keep=100, exemplars=()):
             return [Detections.empty(2, 2) for _ in prompts]
 
     loads = Counter()

@@ -145,3 +145,106 @@ def test_a_person_reads_why_the_backend_cannot_answer(label_studio, backend, bro
         if fixed:
             proc.terminate()
             proc.wait(30)
+
+
+def donut() -> tuple[bytes, "np.ndarray"]:
+    import numpy as np
+
+    y, x = np.mgrid[:480, :640]
+    r2 = (x - 320) ** 2 + (y - 240) ** 2
+    mask = (r2 < 180**2) & (r2 >= 90**2)
+    img = np.full((480, 640, 3), 235, np.uint8)
+    img[mask] = (200, 90, 40)
+    return png_bytes(Image.fromarray(img)), mask
+
+
+def test_label_studio_draws_and_edits_a_polygon_with_a_hole(label_studio, browser):
+    """The backend's keyhole polygon, as Label Studio stores it: drawn with its hole, and its outline editable."""
+    import io
+
+    import numpy as np
+
+    from backend import geometry
+
+    url, headers, _ = label_studio
+    image, mask = donut()
+    r = requests.post(f"{url}/api/projects", headers=headers, json={"title": "a polygon with a hole",
+                                                                    "label_config": README_CONFIG})
+    pid = r.json()["id"]
+    requests.post(f"{url}/api/projects/{pid}/import", headers=headers, files={"file": ("donut.png", image, "image/png")})
+    tid = requests.get(f"{url}/api/tasks", params={"project": pid}, headers=headers).json()["tasks"][0]["id"]
+    [ring] = geometry.mask_to_polygons(mask)
+    points = geometry.polygon_to_percent(ring, 640, 480)
+    region = {"id": "donut", "from_name": "poly", "to_name": "image", "type": "polygonlabels",
+              "original_width": 640, "original_height": 480,
+              "value": {"points": points, "closed": True, "polygonlabels": ["cat"]}}
+    r = requests.post(f"{url}/api/tasks/{tid}/annotations", headers=headers, json={"result": [region]})
+    assert r.status_code == 201, r.text
+    b = browser
+    b.open_task(pid, tid)
+    b.wait(lambda: [tuple(x) for x in b.regions()] == [("polygonregion", ["cat"])], what="the polygon")
+    stage = b.visible(".konvajs-content")[0]
+    sx, sy, sw, sh = stage.location["x"], stage.location["y"], stage.size["width"], stage.size["height"]
+
+    def pixel(px, py):  # the screenshot's colour at image pixel (px, py)
+        shot = Image.open(io.BytesIO(b.d.get_screenshot_as_png())).convert("RGB")
+        return np.array(shot.getpixel((int(sx + px * sw / 640), int(sy + py * sh / 480))), int)
+
+    def drawn_with_its_hole():
+        hole, ring_, outside = pixel(320, 240), pixel(320 + 135, 240), pixel(40, 40)
+        ring_bare = np.array((200, 90, 40))
+        # the hole shows the image as it is (like the background outside); the ring is tinted by the fill
+        return np.abs(hole - outside).sum() < 30 and np.abs(ring_ - ring_bare).sum() > 15
+
+    assert b.wait(drawn_with_its_hole, what="the hole left unfilled")
+    b.shot("a polygon with a hole")
+    # select it (a click on the ring), then drag the outline's first point 30 px to the right
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    def at(px, py):  # offsets from the stage's centre, where Selenium's moves start
+        return int(px * sw / 640 - sw / 2), int(py * sh / 480 - sh / 2)
+
+    ActionChains(b.d).move_to_element_with_offset(stage, *at(320 + 135, 240)).click().perform()
+    b.wait(lambda: b.js("return window.dataManager.lsf.lsf.annotationStore.selected.regions[0].selected"),
+           what="the polygon selected")
+    x0, y0 = (c * size / 100 for c, size in zip(points[0], (640, 480)))
+    ActionChains(b.d).move_to_element_with_offset(stage, *at(x0, y0)).click_and_hold() \
+        .move_by_offset(15, 0).move_by_offset(15, 0).release().perform()
+    first = """const p = window.dataManager.lsf.lsf.annotationStore.selected.regions[0].points[0]; return [p.x, p.y];"""
+    moved = b.wait(lambda: (lambda p: p if abs(p[0] - points[0][0]) > 1 else None)(b.js(first)),
+                   what="the edited point")  # the editor keeps points in percent
+    b.shot("its outline edited")
+    assert moved[0] > points[0][0] + 2 and abs(moved[1] - points[0][1]) < 1
+    assert b.wait(drawn_with_its_hole, what="the hole still unfilled after the edit")
+
+
+EXEMPLAR_CONFIG = re.findall(r"```xml\n(.*?)```", (ROOT / "README.md").read_text(), re.S)[3]  # "like this box"
+
+
+def test_a_box_drawn_as_an_exemplar_finds_every_instance_like_it(label_studio, backend, browser):
+    url, headers, _ = label_studio
+    assert 'exemplars="true"' in EXEMPLAR_CONFIG
+    r = requests.post(f"{url}/api/projects", headers=headers, json={
+        "title": "like this box", "label_config": EXEMPLAR_CONFIG, "show_collab_predictions": False,
+        "evaluate_predictions_automatically": False})
+    pid = r.json()["id"]
+    requests.post(f"{url}/api/projects/{pid}/import", headers=headers,
+                  files={"file": ("disk.png", disk_image(), "image/png")})
+    tid = requests.get(f"{url}/api/tasks", params={"project": pid}, headers=headers).json()["tasks"][0]["id"]
+    r = requests.post(f"{url}/api/ml", headers=headers, json={"url": backend, "project": pid, "title": "SAM 3",
+                                                              "is_interactive": True, "extra_params": EXTRA})
+    assert r.status_code == 201, r.text
+    b = browser
+    b.open_task(pid, tid)
+    b.toggle("Auto-Annotation")
+    b.toggle("Auto-Accept Suggestions")
+    b.pick_label("dog")  # the exemplar control's label: "every dog like this box"
+    b.smart_tool()
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    stage = b.visible(".konvajs-content")[0]
+    ActionChains(b.d).move_to_element_with_offset(stage, -90, -90).click_and_hold() \
+        .move_by_offset(60, 40).move_by_offset(60, 40).release().perform()
+    b.wait(lambda: ("polygonregion", ["dog"]) in [tuple(r) for r in b.regions()], 30, "dog polygons")
+    b.shot("a box turned into every instance like it")
+    assert all(t == "polygonregion" for t, _ in b.regions())  # the exemplar box itself is a prompt, not a result

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 from transformers import Sam3TrackerModel
 
@@ -133,3 +134,51 @@ def test_a_waiting_click_goes_before_waiting_bulk_work():
     assert order[0] == "click" and sorted(order[1:]) == ["bulk0", "bulk1", "bulk2"]
     with lock, lock:  # reentrant in one thread
         pass
+
+
+def test_a_click_that_extends_the_last_prompt_starts_from_its_mask(engine, monkeypatch):
+    enc = engine.encode(make_image(seed=77))
+    seen = []
+    real = engine.tracker.forward
+
+    def forward(*args, **kwargs):
+        seen.append(kwargs.get("input_masks"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine.tracker, "forward", forward)
+    engine.segment(enc, [(10, 10)], [1])
+    engine.segment(enc, [(10, 10), (30, 20)], [1, 0])  # Label Studio resends the first click with the second
+    engine.segment(enc, [(10, 10), (30, 20), (40, 40)], [1, 0, 1])
+    engine.segment(enc, [(50, 30), (12, 12)], [1, 1])  # a fresh prompt: nothing to start from
+    assert seen[0] is None and seen[3] is None
+    first = engine.refinements.get((enc.key, ((10.0, 10.0, 1),), ()))
+    assert seen[1] is not None and torch.equal(seen[1][0].float(), first.float())
+    assert seen[2] is not None and seen[2].shape == seen[1].shape
+
+
+def test_auto_dtype_is_bf16_where_the_cpu_has_it_and_can_be_forced(monkeypatch):
+    from backend import engine as engine_module
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(engine_module, "cpu_has_bf16", lambda: True)
+    assert engine_module.resolve_dtype("auto", cpu) == torch.bfloat16
+    monkeypatch.setattr(engine_module, "cpu_has_bf16", lambda: False)
+    assert engine_module.resolve_dtype("auto", cpu) == torch.float32
+    assert engine_module.resolve_dtype("bfloat16", cpu) == torch.bfloat16  # SAM3_DTYPE forces either
+    assert engine_module.resolve_dtype("float32", cpu) == torch.float32
+    with pytest.raises(SystemExit, match="SAM3_DTYPE"):
+        engine_module.resolve_dtype("int8", cpu)
+
+
+def test_bf16_and_fp32_image_features_agree(checkpoint, engine):
+    """What the ViT makes of an image is the same in both dtypes. The masks of random weights are not a fair
+    check (their logits sit within bf16's rounding of the threshold): bench/dtypes.py measures the full-size
+    model's masks, README "bf16 on the CPU"."""
+    bf16 = Sam3Engine(checkpoint, device="cpu", dtype="bfloat16").load()
+    assert bf16.dtype == torch.bfloat16 and bf16.detector.dtype == torch.bfloat16
+    image = make_image(96, 72, seed=9)
+    a = engine.encode(image).vision.last_hidden_state.float().flatten()
+    b = bf16.encode(image).vision.last_hidden_state.float().flatten()
+    assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.999
+    mask, score = bf16.segment(bf16.encode(image), [(20, 20)], [1])  # the whole click path runs in bf16
+    assert mask.shape == (72, 96) and 0 <= score <= 1

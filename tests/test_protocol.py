@@ -36,7 +36,7 @@ def predict(client, context=None, image=None, config=CONFIG, **kw):
 def test_health_reports_model_device_source_and_version(client, settings):
     body = client.get("/health").get_json()
     assert body["status"] == "UP" and body["model_state"] == "ready" and body["model_loaded"] is True
-    assert body["device"] == "cpu" and body["model"] == settings.model
+    assert body["device"] == "cpu" and body["model"] == settings.model and body["dtype"] == "float32"
     assert body["model_version"].startswith("sam3-tiny")
     assert client.get("/").get_json()["model_version"] == body["model_version"]
 
@@ -179,10 +179,14 @@ def test_real_click_on_the_tiny_model_gives_a_polygon(client):
         ({"result": "nope"}, "must be a list"),
     ],
 )
-def test_bad_prompts_are_4xx_with_a_message(client, context, message):
-    r = predict(client, context)
+def test_bad_prompts_are_4xx_with_a_message(client, engine, context, message):
+    # Checked before the image is touched: this URL, if fetched, would be refused with another message
+    # (a loopback address), and no ViT pass is spent.
+    before = engine.vit_passes
+    r = predict(client, context, image="http://127.0.0.1:9/never-fetched.png")
     assert r.status_code == 400
     assert message in r.get_json()["error"]
+    assert engine.vit_passes == before
 
 
 def test_interactive_request_with_no_prompt_left_is_an_empty_answer(client, engine):
@@ -465,7 +469,7 @@ def test_each_image_of_a_two_image_config_is_answered_on_its_own(settings, engin
                                                                          to_name="left")]}}})
     assert r.status_code == 400 and "'dog' is not in any output control on image 'left'" in r.get_json()["error"]
 
-    def detect(enc, prompts, threshold=0.5, mask_threshold=0.5, max_keep=100):
+    def detect(enc, prompts, threshold=0.5, mask_threshold=0.5, max_keep=100, exemplars=()):
         out = []
         for p in prompts:  # cat on the left half, dog on the right half
             mask = np.zeros((1, enc.height, enc.width), bool)
@@ -483,7 +487,7 @@ def test_each_image_of_a_two_image_config_is_answered_on_its_own(settings, engin
 
 
 def test_typed_prompts_follow_the_project_thresholds(settings, engine, monkeypatch):
-    def detect(enc, prompts, threshold=0.5, mask_threshold=0.5, max_keep=100):
+    def detect(enc, prompts, threshold=0.5, mask_threshold=0.5, max_keep=100, exemplars=()):
         masks = np.zeros((3, enc.height, enc.width), bool)
         masks[0, :10, :10], masks[1, 20:30, 20:30], masks[2, 30:40, 40:60] = True, True, True
         found = [(m, s) for m, s in zip(masks, [0.9, 0.45, 0.35]) if s > threshold][:max_keep]
@@ -515,3 +519,32 @@ def test_label_studio_reads_a_refused_click_in_the_prompt_box_other_clients_get_
     [line] = answer["result"]
     assert (line["type"], line["from_name"], line["to_name"]) == ("textarea", "prompt", "image")
     assert line["value"]["text"][0] == "red car" and line["value"]["text"][1].startswith("SAM 3 could not answer: no label")
+
+
+EXEMPLARS = CONFIG.replace('<TextArea name="prompt"', '''<RectangleLabels name="like" toName="image" smart="true" exemplars="true">
+    <Label value="cat"/><Label value="dog"/>
+  </RectangleLabels>
+  <TextArea name="prompt"''')
+
+
+def test_an_exemplar_box_finds_every_instance_like_it(settings, engine, monkeypatch):
+    seen = {}
+
+    def detect(enc, prompts, threshold=0.5, mask_threshold=0.5, max_keep=100, exemplars=()):
+        seen.update(prompts=list(prompts), exemplars=list(exemplars))
+        masks = np.zeros((2, enc.height, enc.width), bool)
+        masks[0, 5:15, 5:15], masks[1, 25:40, 30:50] = True, True
+        return [Detections(masks, np.array([0.9, 0.8]), [p, p]) for p in prompts]
+
+    monkeypatch.setattr(engine, "detect", detect)
+    like = dict(rectangle(25, 25, 50, 50, label="dog", name="like"), is_positive=True)
+    unlike = dict(rectangle(0, 0, 10, 10, label="dog", name="like"), is_positive=False)
+    r = predict(create_app(settings, engine=engine).test_client(), {"result": [like, unlike]}, config=EXEMPLARS)
+    assert r.status_code == 200, r.get_json()
+    assert seen == {"prompts": ["dog"], "exemplars": [((16.0, 12.0, 48.0, 36.0), 1), ((0.0, 0.0, 6.4, 4.8), 0)]}
+    regions = r.get_json()["results"][0]["result"]
+    assert len(regions) == 2 and {g["value"]["polygonlabels"][0] for g in regions} == {"dog"}
+    assert {g["from_name"] for g in regions} == {"poly"}  # exemplar boxes are prompts, never the output
+    plain = predict(create_app(settings, engine=engine).test_client(), {"result": [rectangle(25, 25, 50, 50)]},
+                    config=EXEMPLARS)  # the README's smart rectangle stays "this one object"
+    assert plain.status_code == 200 and len(plain.get_json()["results"][0]["result"]) >= 1
