@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-TINY_WIDTH = 32
+TINY_WIDTH = 128  # the video tracker splits its object pointers into 64-channel memory tokens: wider than 64
+TINY_VIT_WIDTH = 32
 TINY_IMAGE_SIZE = 112  # a multiple of the 14-pixel patch: an 8x8 token grid
 
 
@@ -38,9 +39,9 @@ def tiny_config():
     from transformers import Sam3Config, Sam3VideoConfig, Sam3ViTConfig
     from transformers.models.sam3_tracker_video import Sam3TrackerVideoConfig
 
-    w = TINY_WIDTH
+    w, v = TINY_WIDTH, TINY_VIT_WIDTH
     vit = lambda: Sam3ViTConfig(  # noqa: E731  (a fresh object each: the tracker config rewrites its own)
-        hidden_size=w, intermediate_size=2 * w, num_hidden_layers=2, num_attention_heads=2,
+        hidden_size=v, intermediate_size=2 * v, num_hidden_layers=2, num_attention_heads=2,
         image_size=TINY_IMAGE_SIZE, pretrain_image_size=TINY_IMAGE_SIZE, window_size=4,
         global_attn_indexes=[1],
     )
@@ -63,7 +64,7 @@ def tiny_config():
         prompt_encoder_config=dict(hidden_size=w, image_size=TINY_IMAGE_SIZE),
         mask_decoder_config=dict(hidden_size=w, mlp_dim=2 * w, num_attention_heads=2, iou_head_hidden_dim=w),
         memory_attention_hidden_size=w, memory_attention_num_layers=1, memory_attention_feed_forward_hidden_size=2 * w,
-        memory_encoder_hidden_size=w, memory_encoder_output_channels=w // 2, mask_downsampler_embed_dim=w,
+        memory_encoder_hidden_size=w, memory_encoder_output_channels=64, mask_downsampler_embed_dim=w,
         memory_fuser_embed_dim=w, memory_fuser_intermediate_dim=2 * w, memory_fuser_num_layers=1,
         memory_attention_rope_feat_sizes=[8, 8],
     )
@@ -81,6 +82,12 @@ def build_checkpoint(out_dir: str | os.PathLike, *, tiny: bool = True, seed: int
     model = Sam3VideoModel(config).eval()
     # save_pretrained would nest the tracker as tracker_model.tracker_model.*; the hub layout is flat.
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if tiny:
+        # Random weights call every tracked object occluded from its second frame on; a tiny model that
+        # always sees its object keeps video tracks alive, so their shape can be tested.
+        head = "tracker_model.mask_decoder.pred_obj_score_head.proj_out"
+        state[f"{head}.weight"] = torch.zeros_like(state[f"{head}.weight"])
+        state[f"{head}.bias"] = torch.full_like(state[f"{head}.bias"], 10.0)
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     config.save_pretrained(out)
 

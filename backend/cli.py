@@ -237,7 +237,8 @@ def _progress(store, job_id: str, finished, every: float = 1.0) -> None:
         eta = v.get("eta_seconds")
         line = (f"{done}/{total} tasks  {v.get('tasks_per_second', 0):.2f} tasks/s  "
                 f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta)) if eta is not None else '--:--:--'}  "
-                f"predicted {v['predicted']} skipped {v['skipped']} failed {v['failed']}")
+                f"predicted {v['predicted']} skipped {v['skipped']} failed {v['failed']}"
+                + (f"  {v['frames']} video frames" if v.get("frames") else ""))
         if tty:
             print("\r" + line, end="\n" if stop else "", file=sys.stderr, flush=True)
         elif total and (done * 10 // total) != last_tenth:

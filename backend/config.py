@@ -79,6 +79,11 @@ class Settings:
     max_jobs: int = 1000  # jobs the in-memory store keeps (finished ones go first, after a day)
     encode_batch: int = 1  # images per ViT forward in bulk work; 1 keeps a click's wait to one image's forward
     predict_budget: float = 60.0  # seconds a batch /predict labels before handing the rest to a job
+    max_video_mb: float = 512.0  # a video task's file, downloaded to a temporary file before decoding
+    max_video_frames: int = 18000  # frames one video task may have (Label Studio's count at the config's framerate)
+    video_window: int = 64  # frames between progress reports and cancel checks; tracker state carries over
+    video_min_track: int = 3  # frames a track must be seen in to be kept
+    video_max_objects: int = 32  # objects tracked at once in one video (each costs memory every frame)
     redis_url: str = ""  # set: jobs go to rq workers; unset: one background thread in the service
     queue: str = "sam3"
     job_chunk: int = 64  # tasks per rq job; several workers share a project chunk by chunk
@@ -126,6 +131,11 @@ class Settings:
             max_jobs=int(_float("SAM3_MAX_JOBS", cls.max_jobs)),
             encode_batch=int(_float("SAM3_ENCODE_BATCH", cls.encode_batch)),
             predict_budget=_float("SAM3_PREDICT_BUDGET", cls.predict_budget),
+            max_video_mb=_float("SAM3_MAX_VIDEO_MB", cls.max_video_mb),
+            max_video_frames=int(_float("SAM3_MAX_VIDEO_FRAMES", cls.max_video_frames)),
+            video_window=int(_float("SAM3_VIDEO_WINDOW", cls.video_window)),
+            video_min_track=int(_float("SAM3_VIDEO_MIN_TRACK", cls.video_min_track)),
+            video_max_objects=int(_float("SAM3_VIDEO_MAX_OBJECTS", cls.video_max_objects)),
             redis_url=_env("REDIS_URL"),
             queue=_env("SAM3_QUEUE", cls.queue),
             job_chunk=int(_float("SAM3_JOB_CHUNK", cls.job_chunk)),
@@ -167,7 +177,8 @@ class Settings:
         for name in ("max_image_mb", "max_image_pixels", "fetch_timeout", "max_body_mb", "read_timeout",
                      "max_prompts", "max_prompt_chars", "max_ontology", "max_projects", "max_job_tasks", "max_jobs",
                      "max_pieces", "max_polygon_points", "encode_batch", "predict_budget", "max_detections",
-                     "fetch_retries", "api_retries", "job_chunk", "post_batch", "job_heartbeat"):
+                     "fetch_retries", "api_retries", "job_chunk", "post_batch", "job_heartbeat", "max_video_mb",
+                     "max_video_frames", "video_window", "video_min_track", "video_max_objects"):
             if getattr(self, name) <= 0:
                 out.append(f"{name} must be positive")
         return out

@@ -194,6 +194,8 @@ class Sam3Engine:
         self._text_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._lock = PriorityLock()
         self.detector = self.tracker = self.processor = None
+        self.load_kwargs: dict = {}
+        self._video = None
 
     # ---- loading -------------------------------------------------------------------------
     def load(self, local_files_only: bool = False) -> "Sam3Engine":
@@ -201,7 +203,7 @@ class Sam3Engine:
         from transformers.utils import logging as hf_logging
 
         t0 = time.perf_counter()
-        kw = {"local_files_only": local_files_only}
+        kw = self.load_kwargs = {"local_files_only": local_files_only}
         detector = Sam3Model.from_pretrained(self.model_id, dtype=self.dtype, **kw)
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # "sam3_video checkpoint into sam3_tracker" is expected
@@ -218,6 +220,15 @@ class Sam3Engine:
         self.image_size = self.processor.image_processor.size["height"]
         log.info("loaded %s on %s (%s) in %.1fs", self.model_id, self.device, self.dtype, time.perf_counter() - t0)
         return self
+
+    @property
+    def video(self):
+        """The video tracker (`tracking.VideoTracker`), sharing this engine's detector; its heads load on first use."""
+        if self._video is None:
+            from .tracking import VideoTracker
+
+            self._video = VideoTracker(self)
+        return self._video
 
     @property
     def loaded(self) -> bool:

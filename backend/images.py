@@ -72,18 +72,20 @@ class ImageLoader:
         except Refused as e:
             raise ImageError(f"image URL refused: {e}") from None
 
-    def fetch_bytes(self, ref) -> bytes:
+    def fetch_bytes(self, ref, max_bytes: int | None = None, what: str = "image",
+                    timeout: float | None = None) -> bytes:
+        limit = int(max_bytes or self.max_bytes)
         if isinstance(ref, str) and ref.lstrip()[:5].lower() == "data:":
             try:
-                return outbound.data_uri(ref.strip(), self.max_bytes)
+                return outbound.data_uri(ref.strip(), limit)
             except outbound.TooLarge:
-                raise ImageError(f"image is over the {self.max_bytes >> 20} MB limit", 413) from None
+                raise ImageError(f"{what} is over the {limit >> 20} MB limit", 413) from None
             except Refused as e:
                 raise ImageError(str(e)) from None
         url = self.url(ref)
-        until = time.monotonic() + self.timeout
+        until = time.monotonic() + (timeout or self.timeout)
         try:
-            return with_retries(lambda: self._get(url, until), self.backoff, f"fetch {url.host}", until)
+            return with_retries(lambda: self._get(url, until, limit, what), self.backoff, f"fetch {url.host}", until)
         except Transient as e:
             log.warning("image %s: %s", _short(str(url)), e)
             raise ImageError(self._failed(url)) from None
@@ -94,16 +96,16 @@ class ImageLoader:
                 f" (HTTP {status})" if status else "")
         return FETCH_FAILED
 
-    def _get(self, url: outbound.URL, until: float) -> bytes:
+    def _get(self, url: outbound.URL, until: float, limit: int, what: str) -> bytes:
         try:
-            r = self.client.send("GET", url, timeout=until - time.monotonic(), max_bytes=self.max_bytes,
+            r = self.client.send("GET", url, timeout=until - time.monotonic(), max_bytes=limit,
                                  auth=self.ls.auth if self.ls is not None else None, follow=True)
         except (Refused, outbound.DeadlineExceeded) as e:
             log.warning("image %s: %s", _short(str(url)), e)
             raise ImageError(self._failed(url)) from None
         except outbound.TooLarge as e:
             log.warning("image %s: %s", _short(str(url)), e)
-            raise ImageError(f"image is over the {self.max_bytes >> 20} MB limit", 413) from None
+            raise ImageError(f"{what} is over the {limit >> 20} MB limit", 413) from None
         except requests.RequestException as e:
             raise Transient(f"{type(e).__name__}") from None
         except BackendError as e:  # the personal access token was refused at refresh

@@ -1,7 +1,8 @@
 """What a project's label config asks of this backend, read with the SDK's parser.
 
-Output controls receive regions (PolygonLabels, BrushLabels, RectangleLabels); prompt controls carry
-the annotator's smart clicks (KeyPointLabels, smart RectangleLabels) and typed text (TextArea).
+Output controls receive regions (PolygonLabels, BrushLabels, RectangleLabels on an Image; VideoRectangle
+on a Video, labelled by the Labels controls on that Video); prompt controls carry the annotator's smart
+clicks (KeyPointLabels, smart RectangleLabels) and typed text (TextArea).
 """
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from label_studio_sdk.label_interface import LabelInterface
 from .errors import BackendError
 
 # Region type written for each output tag, in order of preference when a label is in several.
-OUTPUT_TYPES = {"PolygonLabels": "polygonlabels", "BrushLabels": "brushlabels", "RectangleLabels": "rectanglelabels"}
+OUTPUT_TYPES = {"PolygonLabels": "polygonlabels", "BrushLabels": "brushlabels", "RectangleLabels": "rectanglelabels",
+                "VideoRectangle": "videorectangle"}
 PROMPT_TAGS = {"KeyPointLabels", "RectangleLabels", "TextArea"}
 
 
@@ -41,6 +43,7 @@ class LabelConfig:
     prompts: dict[str, Control]  # by control name
     images: dict[str, str] = field(default_factory=dict)  # every Image object labelled here -> its data key
     exemplars: set[str] = field(default_factory=set)  # smart RectangleLabels with exemplars="true": find all like it
+    videos: dict[str, tuple[str, str]] = field(default_factory=dict)  # Video tracked here -> (data key, framerate)
 
     @classmethod
     def parse(cls, xml: str) -> "LabelConfig":
@@ -51,21 +54,26 @@ class LabelConfig:
         except Exception as e:  # the SDK raises several kinds on bad XML
             raise BackendError(f"label config could not be parsed: {e}") from None
         images = [o for o in li.objects if o.tag == "Image"]
-        if not images:
-            raise BackendError("label config has no <Image> object; this backend labels images")
+        videos = {o.name: o for o in li.objects if o.tag == "Video"}
+        if not images and not videos:
+            raise BackendError("label config has no <Image> or <Video> object; this backend labels images and videos")
         image_names = {o.name for o in images}
         controls = []
         for c in li.controls:
             to = [t for t in (c.to_name or []) if t in image_names]
             if not to:
                 continue
-            labels = list(getattr(c, "labels", None) or [])
-            syn = {}
-            for value, tag in (getattr(c, "labels_attrs", None) or {}).items():
-                pv = (tag.attr or {}).get("predicted_values")
-                if pv:
-                    syn[value] = [s.strip() for s in pv.split(",") if s.strip()]
-            controls.append((Control(c.name, c.tag, to[0], labels, syn), c.attr or {}))
+            controls.append((Control(c.name, c.tag, to[0], *_labels(c)), c.attr or {}))
+        tracks = _video_controls(li, videos)
+        if not controls and tracks:  # a video project
+            keys = {name: (videos[name].value or "").lstrip("$") for name in dict.fromkeys(c.to_name for c in tracks)}
+            framerates = {name: str((videos[name].attr or {}).get("framerate") or (videos[name].attr or {})
+                                    .get("frameRate") or "24") for name in keys}
+            return cls(image="", value_key="", outputs=tracks, prompts={}, images={},
+                       videos={name: (keys[name], framerates[name]) for name in keys})
+        if not images:
+            raise BackendError("label config has a <Video> but no <VideoRectangle> with <Labels> on it: add "
+                               "<VideoRectangle name=\"box\" toName=\"video\"/> and <Labels toName=\"video\">")
 
         def smart(attr):
             return _truthy(attr.get("smart")) or _truthy(attr.get("smartOnly"))
@@ -88,6 +96,10 @@ class LabelConfig:
         exemplars = {c.name for c, a in controls if c.tag == "RectangleLabels" and _truthy(a.get("exemplars"))}
         return cls(image=image, value_key=keys[image], outputs=[c for c in outputs if c.name not in exemplars],
                    prompts=prompts, images=labelled, exemplars=exemplars)
+
+    @property
+    def is_video(self) -> bool:
+        return bool(self.videos)
 
     @property
     def labels(self) -> list[str]:
@@ -121,3 +133,33 @@ class LabelConfig:
                 if t == label.lower() or t in (s.lower() for s in c.synonyms.get(label, [])):
                     return label
         return None
+
+
+def _labels(c) -> tuple[list[str], dict[str, list[str]]]:
+    """A control's labels and their synonyms (predicted_values)."""
+    labels = list(getattr(c, "labels", None) or [])
+    syn = {}
+    for value, tag in (getattr(c, "labels_attrs", None) or {}).items():
+        pv = (tag.attr or {}).get("predicted_values")
+        if pv:
+            syn[value] = [s.strip() for s in pv.split(",") if s.strip()]
+    return labels, syn
+
+
+def _video_controls(li, videos: dict) -> list[Control]:
+    """One output per VideoRectangle on a Video, carrying the labels of every Labels control on that Video
+    (Label Studio keeps a video box's labels inside its own value)."""
+    out = []
+    for c in li.controls:
+        if c.tag != "VideoRectangle":
+            continue
+        for video in [t for t in (c.to_name or []) if t in videos][:1]:
+            labels, syn = [], {}
+            for other in li.controls:
+                if other.tag == "Labels" and video in (other.to_name or []):
+                    more, more_syn = _labels(other)
+                    labels += [label for label in more if label not in labels]
+                    syn.update(more_syn)
+            if labels:
+                out.append(Control(c.name, c.tag, video, labels, syn))
+    return out

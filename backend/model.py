@@ -20,8 +20,10 @@ from .images import ImageLoader
 from .labelconfig import LabelConfig
 from .prompts import Prompt, parse_context
 from .retry import Backoff
-from .regions import to_regions
+from .regions import to_regions, to_video_regions
 from .runtime import Runtime
+from .tracking import Cancelled, Timing
+from .video import VideoFile
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +88,9 @@ class SAM3Backend(LabelStudioMLBase):
             raise BackendError("no label config: call /setup first or send label_config with the request")
         if isinstance(context, dict) and context.get("result") is not None:
             # An interactive request, even with no prompt left: answer it, never auto-label instead.
+            if self.config.is_video:
+                raise BackendError("video tasks are labelled by Retrieve Predictions or a job; Label Studio's editor "
+                                   "sends no drawn video region to a backend to track from")
             if len(tasks) != 1:
                 raise BackendError(f"an interactive request carries exactly one task, got {len(tasks)}")
             try:
@@ -152,13 +157,18 @@ class SAM3Backend(LabelStudioMLBase):
         yield from self.label_tasks(labeler, tasks, load or self.load_task_image, deadline)
         log.info("predicted %d tasks: %s", len(tasks), labeler.stages)
 
-    def label_tasks(self, labeler: AutoLabeler, tasks: list, load, deadline: float | None = None):
+    def label_tasks(self, labeler: AutoLabeler, tasks: list, load, deadline: float | None = None,
+                    on_frames=None, cancelled=None):
         """Label each task's images (one per Image object that an output control labels) and assemble
-        one prediction per task; `load(task, image name)` gives a decoded image.
+        one prediction per task; `load(task, image name)` gives a decoded image (a `VideoFile` for a Video).
 
         Yields (task, images, prediction, None), or (task, images, None, error) when any of its images
-        failed: a failure is never turned into an empty result.
+        failed: a failure is never turned into an empty result. Video tasks report `on_frames(n)` as they
+        go and stop between windows of frames when `cancelled()` (or the deadline) says so.
         """
+        if self.config.is_video:
+            yield from self.label_videos(labeler, tasks, load, deadline, on_frames, cancelled)
+            return
         entries = {name: [e for e in self.ontology if e.label in self.config.labels_on(name)]
                    for name in self.config.images}
         names = [name for name in self.config.images if entries[name]]  # images no prompt labels: not fetched
@@ -192,7 +202,6 @@ class SAM3Backend(LabelStudioMLBase):
     def prediction_for(self, dets: dict[str, Detections]) -> dict:
         """Regions in every output control that labels each image and carries each label; overall score =
         mean instance score."""
-        s = self.settings
         regions, scores = [], []
         for image, found in dets.items():
             scores += list(found.scores)
@@ -203,7 +212,85 @@ class SAM3Backend(LabelStudioMLBase):
         return self._prediction(regions, float(np.mean(scores)) if scores else 0.0)
 
     def load_task_image(self, task: dict, image: str | None = None):
+        if image in self.config.videos:
+            return self.load_task_video(task, image)
         return self.loader.load(self._image_url(task, image))
+
+    def load_task_video(self, task: dict, name: str) -> VideoFile:
+        """The task's video on disk, checked against the size and frame limits before any frame is decoded."""
+        s = self.settings
+        key, rate = self.config.videos[name]
+        data = task.get("data") if isinstance(task.get("data"), dict) else {}
+        url = data.get(key)
+        if not isinstance(url, str):
+            raise BackendError(f"task {task.get('id')} data has no {key!r} video URL (the Video's value=\"${key}\")")
+        if rate.startswith("$"):  # framerate="$fps": the task's own
+            rate = data.get(rate[1:], "")
+        try:
+            framerate = float(rate)
+        except (TypeError, ValueError):
+            raise BackendError(f"task {task.get('id')}: the Video's framerate {str(rate)[:30]!r} "
+                               "is not a number") from None
+        if framerate < 1 and framerate > 0:
+            framerate = 1 / framerate  # Label Studio reads framerate="0.04" as seconds per frame
+        body = self.loader.fetch_bytes(url, max_bytes=int(s.max_video_mb * (1 << 20)), what="video",
+                                       timeout=10 * s.fetch_timeout)
+        video = VideoFile(body, framerate, name=f"task {task.get('id')} video")
+        del body
+        if video.info.frames > s.max_video_frames:
+            video.close()
+            raise BackendError(f"task {task.get('id')}: the video has {video.info.frames} frames at {framerate:g} fps; "
+                               f"at most {s.max_video_frames} (SAM3_MAX_VIDEO_FRAMES)", 413)
+        return video
+
+    def label_videos(self, labeler: AutoLabeler, tasks: list, load, deadline=None, on_frames=None, cancelled=None):
+        """Every instance of every label tracked through each task's video: one VideoRectangle track each."""
+        for task in tasks:
+            if deadline is not None and time.monotonic() > deadline:
+                return
+            try:
+                prediction = self._label_video_task(labeler.engine, task, load, deadline, on_frames, cancelled)
+            except Cancelled:
+                return  # this task is not finished: it is neither answered nor recorded
+            except Exception as e:  # recorded as this task's failure (the runner's Skip included); the rest go on
+                if not isinstance(e, BackendError) and type(e).__name__ != "Skip":
+                    log.exception("task %s: video failed", task.get("id") if isinstance(task, dict) else task)
+                yield task, {}, None, e
+                continue
+            yield task, {}, prediction, None
+
+    def _label_video_task(self, engine, task, load, deadline, on_frames, cancelled) -> dict:
+        s = self.settings
+        reported = 0
+
+        def window(done: int) -> None:
+            nonlocal reported
+            if on_frames is not None:
+                on_frames(done - reported)
+            reported = done
+            if (cancelled is not None and cancelled()) or (deadline is not None and time.monotonic() > deadline):
+                raise Cancelled()
+
+        regions, scores = [], []
+        for name in self.config.videos:
+            entries = [e for e in self.ontology if e.label in self.config.labels_on(name)]
+            if not entries:
+                continue
+            reported = 0
+            with load(task, name) as video:
+                timing = Timing()
+                tracks = engine.video.track(
+                    video.frames(), (video.info.width, video.info.height), entries, self.thresholds,
+                    min_frames=s.video_min_track, window=s.video_window, max_objects=s.video_max_objects,
+                    on_window=window, timing=timing)
+                info = video.info
+            log.info("task %s: %d tracks over %d frames; seconds per frame: %s",
+                     task.get("id") if isinstance(task, dict) else task, len(tracks), timing.frames, timing.per_frame())
+            for control in self.config.outputs_on(name):
+                mine = [t for t in tracks if t.label in control.labels]
+                regions += to_video_regions(mine, control, info.frames, info.duration, info.framerate)
+                scores += [t.score for t in mine]
+        return self._prediction(regions, float(np.mean(scores)) if scores else 0.0)
 
     def predict_interactive(self, task: dict, context: dict) -> dict:
         s = self.settings

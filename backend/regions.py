@@ -54,3 +54,33 @@ def to_regions(dets: Detections, control: Control, *, tolerance: float = 1.0, mi
                 }
                 out.append(_region(control, width, height, label, score, value))
     return out
+
+
+def to_video_regions(tracks, control: Control, frames_count: int, duration: float, framerate: float) -> list[dict]:
+    """One VideoRectangle per track: a keyframe on every frame it is seen in, `enabled: false` on the last
+    frame of each stretch it is seen for (Label Studio hides the box after that until the next keyframe).
+    `time` is frame / framerate, as Label Studio's editor writes it."""
+    out = []
+    for track in tracks:
+        frames = sorted(track.boxes)
+        sequence = []
+        for i, frame in enumerate(frames):
+            x0, y0, x1, y1 = track.boxes[frame]
+            ends = i + 1 == len(frames) or frames[i + 1] != frame + 1
+            sequence.append({
+                "frame": frame, "enabled": not (ends and frame < frames_count), "rotation": 0,
+                "x": round(x0, 4), "y": round(y0, 4), "width": round(x1 - x0, 4), "height": round(y1 - y0, 4),
+                "time": frame / framerate,
+            })
+        if not sequence:
+            continue
+        out.append({
+            "id": uuid.uuid4().hex[:10],
+            "from_name": control.name,
+            "to_name": control.to_name,
+            "type": control.type,
+            "value": {"framesCount": frames_count, "duration": duration, "sequence": sequence,
+                      "labels": [track.label]},
+            "score": round(float(track.score), 4),
+        })
+    return out

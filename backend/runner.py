@@ -192,7 +192,10 @@ def _label_and_post(ctx: Context, job: dict, backend, labeler, beat: Heartbeat, 
         labeler.stages.add("upload", time.perf_counter() - t0)
 
     try:
-        for task_id, _, prediction, error in backend.label_tasks(labeler, tasks, load):
+        frames = lambda n: store.add_frames(job_id, n)  # noqa: E731  (video progress, between windows)
+        stopped = lambda: store.status(job_id) not in ACTIVE  # noqa: E731  (a video stops between windows)
+        for task_id, _, prediction, error in backend.label_tasks(labeler, tasks, load, on_frames=frames,
+                                                                 cancelled=stopped):
             if isinstance(error, Skip):
                 store.finish(job_id, "skipped", {task_id: 0}, ctx.worker)
                 beat.release([task_id])

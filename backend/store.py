@@ -16,7 +16,7 @@ import time
 
 from .errors import BackendError
 
-COUNTERS = ("total", "processed", "predicted", "skipped", "failed", "regions_added", "chunks_total")
+COUNTERS = ("total", "processed", "predicted", "skipped", "failed", "regions_added", "chunks_total", "frames")
 OUTCOMES = ("predicted", "skipped", "failed")
 ACTIVE = ("queued", "running")
 FINAL = ("succeeded", "failed", "cancelled")
@@ -232,6 +232,12 @@ class MemoryStore:
         with self._lock:
             return set(self._done.get(job_id, ()))
 
+    def add_frames(self, job_id: str, n: int) -> None:
+        """Video frames tracked (progress within long video tasks)."""
+        with self._lock:
+            if job_id in self._jobs:
+                self._jobs[job_id]["frames"] = self._jobs[job_id].get("frames", 0) + int(n)
+
     def claim(self, scope: str, tasks, owner: str, lease: float) -> set[int]:
         """The tasks of `tasks` that `owner` holds now: free ones are taken, its own are renewed."""
         now, held = time.monotonic(), set()
@@ -363,6 +369,9 @@ class RedisStore:
 
     def done(self, job_id: str) -> set[int]:
         return {int(t) for t in self.r.smembers(self._keys(job_id)[1])}
+
+    def add_frames(self, job_id: str, n: int) -> None:
+        self.r.hincrby(self._keys(job_id)[0], "frames", int(n))
 
     def claim(self, scope: str, tasks, owner: str, lease: float) -> set[int]:
         tasks = [int(t) for t in tasks]

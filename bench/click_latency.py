@@ -12,7 +12,6 @@ import argparse
 import io
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -21,10 +20,10 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from backend.checkpoints import build_checkpoint  # noqa: E402
 from backend.config import Settings  # noqa: E402
 from backend.engine import Sam3Engine  # noqa: E402
 from backend.protocol import create_app  # noqa: E402
+from bench.common import add_checkpoint_args, checkpoint_path  # noqa: E402
 from bench.pipeline import serve_images  # noqa: E402
 
 CONFIG = """<View><Image name="image" value="$image"/>
@@ -39,8 +38,7 @@ def click(x, y):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("checkpoint", nargs="?")
-    ap.add_argument("--random-full", action="store_true", help="build a full-size random-weight SAM 3")
+    add_checkpoint_args(ap)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto", help="auto (bf16 where the CPU has it), float32, bfloat16")
     ap.add_argument("--size", default="1280x960", help="image WxH")
@@ -48,16 +46,7 @@ def main() -> None:
     ap.add_argument("--cold", type=int, default=2, help="cold clicks (new images) to time")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
-    tmp = None
-    if args.random_full:
-        tmp = tempfile.TemporaryDirectory()
-        t = time.perf_counter()
-        path = str(build_checkpoint(tmp.name, tiny=False))
-        print(f"built full-size random checkpoint in {time.perf_counter() - t:.0f}s")
-    elif args.checkpoint:
-        path = args.checkpoint
-    else:
-        ap.error("give a checkpoint or --random-full")
+    path, tmp = checkpoint_path(ap, args)
 
     t = time.perf_counter()
     engine = Sam3Engine(path, device=args.device, dtype=args.dtype).load()

@@ -45,7 +45,6 @@ def main() -> None:
     args = ap.parse_args()
     w, h = map(int, args.size.split("x"))
     engines = {name: Sam3Engine(args.checkpoint, device="cpu", dtype=name).load() for name in ("float32", "bfloat16")}
-    rng = np.random.RandomState(0)
     ious, cosines, times = [], [], {name: {"cold": [], "warm": []} for name in engines}
     agree, confident = [], []  # the low-res mask logits: correlation; sign agreement where fp32 is sure
     for i in range(args.images):

@@ -248,3 +248,50 @@ def test_a_box_drawn_as_an_exemplar_finds_every_instance_like_it(label_studio, b
     b.wait(lambda: ("polygonregion", ["dog"]) in [tuple(r) for r in b.regions()], 30, "dog polygons")
     b.shot("a box turned into every instance like it")
     assert all(t == "polygonregion" for t, _ in b.regions())  # the exemplar box itself is a prompt, not a result
+
+
+def test_label_studio_shows_the_video_tracks_a_job_stored(label_studio, browser, engine, checkpoint):
+    """A bulk job on a video project, then the task opened as an annotator opens it: the tracks are there,
+    labelled, over the player's frames."""
+    import time
+
+    from backend.config import Settings
+    from backend.protocol import create_app
+    from test_video import EXTRA, VIDEO_CONFIG, make_video
+
+    url, headers, token = label_studio
+    r = requests.post(f"{url}/api/projects", headers=headers,
+                      json={"title": "video tracks", "label_config": VIDEO_CONFIG.format(fps=25)})
+    pid = r.json()["id"]
+    video = make_video(25, 40, size=(320, 240), codec="VP90", suffix=".webm")  # a codec Chromium plays
+    r = requests.post(f"{url}/api/projects/{pid}/import", headers=headers,
+                      files={"file": ("clip.webm", video, "video/webm")})
+    assert r.status_code == 201, r.text
+    tid = requests.get(f"{url}/api/tasks", params={"project": pid}, headers=headers).json()["tasks"][0]["id"]
+    client = create_app(Settings(model=checkpoint, device="cpu", dtype="float32", label_studio_url=url,
+                                 label_studio_api_key=token), engine=engine).test_client()
+    job_id = client.post("/jobs", json={"project": pid, "thresholds": EXTRA["thresholds"]}).get_json()["job_id"]
+    deadline = time.time() + 120
+    while (job := client.get(f"/jobs/{job_id}").get_json())["status"] in ("queued", "running"):
+        assert time.time() < deadline, job
+        time.sleep(0.2)
+    assert job["status"] == "succeeded" and job["regions_added"] > 0, job
+    # the project shows this model's predictions to annotators
+    r = requests.patch(f"{url}/api/projects/{pid}", headers=headers, json={"model_version": job["model_version"]})
+    assert r.status_code == 200, r.text
+
+    b = browser
+    b.d.get(f"{b.base}/projects/{pid}/data?task={tid}")
+    b.wait(lambda: b.js("return !!(window.dataManager && window.dataManager.lsf && window.dataManager.lsf.lsf && "
+                        "window.dataManager.lsf.lsf.annotationStore.selected)"), 40, "the editor")
+    regions = b.wait(lambda: b.regions(), 30, "the predicted tracks")
+    assert len(regions) == job["regions_added"]
+    assert all(kind == "videorectangleregion" and labels and labels[0] in ("ball", "box") for kind, labels in regions)
+    video_tag = "window.dataManager.lsf.lsf.annotationStore.selected.names.get('video')"
+    assert b.wait(lambda: b.js(f"return {video_tag}.length") == 40, 30, "the player counting 40 frames")
+    b.shot("video tracks at frame 1")
+    b.js(f"{video_tag}.setFrame(20)")
+    seq = b.js("""return window.dataManager.lsf.lsf.annotationStore.selected.regions[0].sequence
+                  .map(k => k.frame);""")
+    assert seq[0] >= 1 and seq[-1] <= 40 and seq == sorted(seq)
+    b.shot("video tracks at frame 20")

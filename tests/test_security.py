@@ -5,14 +5,12 @@ Every peer is real (HTTP servers and raw listeners on loopback); `Capture` count
 "no request at all" means not even a connect.
 """
 import base64
-import io
 import json
 import struct
 import time
 import zlib
 
 import pytest
-from PIL import Image
 
 from backend import jobs
 from backend.config import Settings
@@ -84,7 +82,7 @@ def hostile_urls(ls: str, cap: str) -> list[str]:
         "h:1:2",
         "http://[::1",
         f"ftp://{cap_hp}{media}",
-        f"file:///etc/passwd",
+        "file:///etc/passwd",
         f"gopher://{cap_hp}/_x",
     ]
 
@@ -315,7 +313,7 @@ def test_only_known_image_formats_are_opened(client_factory):
     r = click(client, "data:application/postscript;base64," + base64.b64encode(eps).decode())
     assert r.status_code == 422 and "not a readable image" in r.get_json()["error"]
     for fmt in ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"):
-        uri = f"data:image/x;base64," + base64.b64encode(png_bytes(make_image(), fmt)).decode()
+        uri = "data:image/x;base64," + base64.b64encode(png_bytes(make_image(), fmt)).decode()
         assert click(client, uri).status_code == 200, fmt
 
 
