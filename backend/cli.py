@@ -120,17 +120,19 @@ def _predict(args) -> int:
         print(f"error: {e.message}", file=sys.stderr)
         return 2
 
+    video = next(iter(model.config.videos), None)  # a video config: the files are videos
+    key = model.config.videos[video][0] if video else model.config.value_key
+
     def load_file(task, image=None):  # local files here; the HTTP service never reads the local disk
-        path = Path(task["data"][model.config.images.get(image, model.config.value_key)])
+        path = Path(task["data"][key if video else model.config.images.get(image, key)])
         try:
             data = path.read_bytes()
         except OSError as e:
             raise BackendError(f"cannot read {path}: {e.strerror}") from None
-        return model.loader.decode(data, name=str(path))
+        return model.open_video(task, video, data) if video else model.loader.decode(data, name=str(path))
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    key = model.config.value_key
     tasks = [{"id": i, "data": {key: str(Path(p).resolve())}} for i, p in enumerate(args.images, 1)]
     failed = regions = 0
     for task, images, prediction, error in model.iter_predictions(tasks, load=load_file):
@@ -142,16 +144,19 @@ def _predict(args) -> int:
             continue
         doc = {"data": task["data"], "predictions": [prediction]}
         (out / f"{path.stem}.json").write_text(json.dumps(doc, indent=1))
-        draw(next(iter(images.values())), prediction["result"]).save(out / f"{path.stem}.png")
-        counts = Counter(r["value"][r["type"]][0] for r in prediction["result"])
+        if images:  # a video has no preview picture: its JSON imports into a video project as is
+            draw(next(iter(images.values())), prediction["result"]).save(out / f"{path.stem}.png")
+        counts = Counter((r["value"].get(r["type"]) or r["value"]["labels"])[0] for r in prediction["result"])
         regions += len(prediction["result"])
-        print(f"{path.name}: {len(prediction['result'])} regions {dict(counts) or ''} -> {out / path.stem}.json/.png")
-    print(f"model_version {model.model_version}; {engine.vit_passes} ViT passes for {len(tasks)} images")
+        print(f"{path.name}: {len(prediction['result'])} {'tracks' if video else 'regions'} {dict(counts) or ''} "
+              f"-> {out / path.stem}.json{'' if video else '/.png'}")
+    print(f"model_version {model.model_version}; {engine.vit_passes} ViT passes for {len(tasks)} "
+          f"{'videos' if video else 'images'}")
     if not regions and failed < len(tasks):
         print(f"no instance scored above {model.thresholds.confidence}: try a lower --threshold (a checkpoint with "
               "random weights, like the tiny test one, scores about 0.25)", file=sys.stderr)
     if failed:
-        print(f"{failed} of {len(tasks)} images could not be read", file=sys.stderr)
+        print(f"{failed} of {len(tasks)} {'videos' if video else 'images'} could not be read", file=sys.stderr)
     return 1 if failed == len(tasks) else 0
 
 

@@ -217,30 +217,35 @@ class SAM3Backend(LabelStudioMLBase):
         return self.loader.load(self._image_url(task, image))
 
     def load_task_video(self, task: dict, name: str) -> VideoFile:
-        """The task's video on disk, checked against the size and frame limits before any frame is decoded."""
+        """The task's video, fetched within SAM3_MAX_VIDEO_MB (by the same token and address rules as images)."""
         s = self.settings
-        key, rate = self.config.videos[name]
-        data = task.get("data") if isinstance(task.get("data"), dict) else {}
-        url = data.get(key)
+        key = self.config.videos[name][0]
+        url = (task.get("data") if isinstance(task.get("data"), dict) else {}).get(key)
         if not isinstance(url, str):
             raise BackendError(f"task {task.get('id')} data has no {key!r} video URL (the Video's value=\"${key}\")")
+        body = self.loader.fetch_bytes(url, max_bytes=int(s.max_video_mb * (1 << 20)), what="video",
+                                       timeout=10 * s.fetch_timeout)
+        return self.open_video(task, name, body)
+
+    def open_video(self, task: dict, name: str, body: bytes) -> VideoFile:
+        """`body` as the task's Video `name` on disk, at the config's (or the task's) framerate, checked against
+        the frame limit before any frame is decoded."""
+        rate = self.config.videos[name][1]
         if rate.startswith("$"):  # framerate="$fps": the task's own
-            rate = data.get(rate[1:], "")
+            rate = (task.get("data") or {}).get(rate[1:], "")
         try:
             framerate = float(rate)
         except (TypeError, ValueError):
             raise BackendError(f"task {task.get('id')}: the Video's framerate {str(rate)[:30]!r} "
                                "is not a number") from None
-        if framerate < 1 and framerate > 0:
+        if 0 < framerate < 1:
             framerate = 1 / framerate  # Label Studio reads framerate="0.04" as seconds per frame
-        body = self.loader.fetch_bytes(url, max_bytes=int(s.max_video_mb * (1 << 20)), what="video",
-                                       timeout=10 * s.fetch_timeout)
         video = VideoFile(body, framerate, name=f"task {task.get('id')} video")
-        del body
-        if video.info.frames > s.max_video_frames:
+        limit = self.settings.max_video_frames
+        if video.info.frames > limit:
             video.close()
             raise BackendError(f"task {task.get('id')}: the video has {video.info.frames} frames at {framerate:g} fps; "
-                               f"at most {s.max_video_frames} (SAM3_MAX_VIDEO_FRAMES)", 413)
+                               f"at most {limit} (SAM3_MAX_VIDEO_FRAMES)", 413)
         return video
 
     def label_videos(self, labeler: AutoLabeler, tasks: list, load, deadline=None, on_frames=None, cancelled=None):

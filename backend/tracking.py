@@ -91,11 +91,11 @@ class VideoTracker:
         self.load()
         e, model = self.engine, self.model
         timing = timing or Timing()
-        labels = {}
+        labels, limit = {}, {}  # by prompt: its label, and the score its tracks must reach (the images' rule)
         for entry in entries:
-            labels.setdefault(entry.prompt, entry.label)
-        limit = {entry.label: thresholds.per_label.get(entry.label, entry.threshold if entry.threshold is not None
-                                                        else thresholds.confidence) for entry in entries}
+            if entry.prompt not in labels:
+                labels[entry.prompt] = entry.label
+                limit[entry.prompt] = thresholds.for_label(entry.label, entry.threshold)
         floor = min(limit.values())
         width, height = size
         box_size = _box_size(width, height)
@@ -138,7 +138,7 @@ class VideoTracker:
             if on_window is not None and done % window:
                 on_window(done)
         kept = [t for tid, t in tracks.items()
-                if tid not in removed and len(t.boxes) >= min_frames and t.score >= limit.get(t.label, floor)]
+                if tid not in removed and len(t.boxes) >= min_frames and t.score >= limit[t.prompt]]
         kept.sort(key=lambda t: -t.score)
         return kept[: model.max_num_objects]
 

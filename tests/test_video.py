@@ -89,6 +89,53 @@ def test_a_config_framerate_unlike_the_files_follows_the_timestamps():
     assert got == [i // 2 for i in range(40)]
 
 
+def av_video(pts_ms: list[int], rotation: int = 0, size=(160, 120)) -> bytes:
+    """An MP4 written with PyAV (OpenCV's writer can do neither): frame i at `pts_ms[i]`, optionally with a
+    display rotation tag as phones write it."""
+    import io
+    from fractions import Fraction
+
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as out:
+        stream = out.add_stream("mpeg4", rate=25)
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)  # timestamps in ms, whatever the nominal rate
+        if rotation:
+            stream.set_display_rotation(rotation)
+        for i, pts in enumerate(pts_ms):
+            img = np.full((size[1], size[0], 3), 60, np.uint8)
+            img[-30:, :20] = (255, 0, 0)  # a red corner: bottom left as encoded
+            mark(img, i)
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+            frame.pts, frame.time_base = pts, Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return buf.getvalue()
+
+
+def test_a_variable_frame_rate_video_lines_up_by_timestamps():
+    pts = [0, 40, 120, 130, 140, 300, 320, 400]  # ms: a phone's uneven frame times
+    with VideoFile(av_video(pts), 25) as v:
+        got = [(n, read_mark(img)) for n, img in v.frames()]
+    assert got
+    for n, shown in got:  # frame n shows the last picture that started by (n - 1) / 25 s
+        t = (n - 1) * 40
+        assert shown == max(i for i, p in enumerate(pts) if p <= t), (n, shown)
+
+
+def test_a_rotated_phone_video_is_read_upright_as_the_browser_shows_it():
+    with VideoFile(av_video([i * 40 for i in range(10)], rotation=90), 25) as v:
+        assert (v.info.width, v.info.height) == (120, 160)  # the tag turns 160x120 upright
+        _, img = next(v.frames())
+    # a display rotation of 90 turns the picture a quarter counter-clockwise (FFmpeg's and browsers' rule):
+    # the red corner, bottom left as encoded, is shown bottom right
+    assert img[-10:, -20:, 0].mean() > 200 and img[-10:, -20:, 1].mean() < 60 and img[-10:, :10, 0].mean() < 120
+
+
 def test_unreadable_and_oversize_videos_are_clear_failures_not_results(settings, engine):
     r = predict(settings, engine, b"\x00\x00\x00\x18ftypmp42 this is not a video" * 10)
     answer = r.get_json()["results"][0]
@@ -251,3 +298,38 @@ def test_a_frame_compares_only_each_prompts_best_few_detections(engine):
         video_module.mask_iou = original
     assert seen["compared"] == (8, 8)
     assert keep.sum() <= 8 and set(torch.nonzero(keep).flatten().tolist()) <= set(range(192, 200))
+
+
+def test_predict_on_local_video_files_writes_importable_json(checkpoint, tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(make_video(25, 12))
+    config = tmp_path / "video.xml"
+    config.write_text(VIDEO_CONFIG.format(fps=25))
+    out = tmp_path / "out"
+    exe = str(Path(sys.executable).with_name("label-studio-sam3"))
+    r = subprocess.run([exe, "predict", str(clip), "--config", str(config), "--threshold", "0", "--out", str(out),
+                        "--model", checkpoint, "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads((out / "clip.json").read_text())
+    assert doc["data"]["video"] == str(clip)
+    [pred] = doc["predictions"]
+    assert pred["result"] and all(reg["type"] == "videorectangle" and reg["value"]["framesCount"] == 12
+                                  for reg in pred["result"])
+    assert "tracks" in r.stdout and not (out / "clip.png").exists()
+
+
+def test_video_tracks_follow_the_per_label_thresholds(settings, engine):
+    video = make_video(25, 12)
+    labels = {}
+    for name, extra in [("all", {"thresholds": {"confidence": 0.0, "max_detections": 8}}),
+                        ("no balls", {"thresholds": {"confidence": 0.0, "max_detections": 8,
+                                                     "per_label": {"ball": 0.9}}})]:
+        regions = predict(settings, engine, video, extra=extra).get_json()["results"][0]["result"]
+        labels[name] = sorted(reg["value"]["labels"][0] for reg in regions)
+    assert "ball" in labels["all"] and "box" in labels["all"]
+    assert labels["no balls"] and set(labels["no balls"]) == {"box"}  # the random model scores about 0.25
