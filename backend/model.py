@@ -18,6 +18,7 @@ from .engine import Sam3Engine
 from .errors import BackendError
 from .images import ImageLoader
 from .labelconfig import LabelConfig
+from .poster import Skip
 from .prompts import Prompt, parse_context
 from .retry import Backoff
 from .regions import to_regions, to_video_regions
@@ -257,8 +258,8 @@ class SAM3Backend(LabelStudioMLBase):
                 prediction = self._label_video_task(labeler.engine, task, load, deadline, on_frames, cancelled)
             except Cancelled:
                 return  # this task is not finished: it is neither answered nor recorded
-            except Exception as e:  # recorded as this task's failure (the runner's Skip included); the rest go on
-                if not isinstance(e, BackendError) and type(e).__name__ != "Skip":
+            except Exception as e:  # recorded as this task's failure (or skip); the rest go on
+                if not isinstance(e, (BackendError, Skip)):
                     log.exception("task %s: video failed", task.get("id") if isinstance(task, dict) else task)
                 yield task, {}, None, e
                 continue

@@ -614,8 +614,10 @@ def test_retrieve_predictions_ends_inside_label_studios_limit_and_a_job_labels_t
         took = time.time() - t0
         assert r.status_code == 200, r.text
         assert took < 10, took  # the budget, not 8 images' worth of model time
+        # what Retrieve stored: the tasks the 3 s budget reached at 1 s a task (the job it handed the rest to
+        # posts them together, SAM3_POST_BATCH being larger, once it has labelled them all: seconds later)
         stored_by_retrieve = sum(1 for ps in predictions_by_task(label_studio, task_ids).values() if ps)
-        assert 1 <= stored_by_retrieve < 8
+        assert 2 <= stored_by_retrieve <= 4
         deadline = time.time() + 120
         while time.time() < deadline:
             preds = predictions_by_task(label_studio, task_ids)
