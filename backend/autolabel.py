@@ -151,8 +151,10 @@ def split_extra(spec) -> tuple[object, dict | None]:
     return spec, None
 
 
-def fingerprint(entries: list[Entry], thresholds: Thresholds) -> str:
-    blob = json.dumps([[asdict(e) for e in entries], asdict(thresholds)], sort_keys=True)
+def fingerprint(entries: list[Entry], thresholds: Thresholds, output: dict | None = None) -> str:
+    """What decides a prediction beyond the weights: the ontology, the thresholds and `output` (the output
+    controls and the settings that shape their regions)."""
+    blob = json.dumps([[asdict(e) for e in entries], asdict(thresholds), output or {}], sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:6]
 
 
@@ -234,22 +236,22 @@ class AutoLabeler:
         `load(item)` fetches and decodes an image on a worker thread, once per item; up to `prefetch`
         loads run ahead of the model, so slow image servers overlap with compute. A failed load yields
         its error, not a crash. `entries_for(item)` picks the ontology entries for an item (default all).
-        With a `deadline` (time.monotonic()), it stops before a chunk that would likely end past it: the
-        items not yielded are the caller's to hand on.
+        With a `deadline` (time.monotonic()), it stops before a chunk that would end past it at the pace so far:
+        the items not yielded are the caller's to hand on.
         """
         items = list(items)
         chunk = chunk or self.chunk
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sam3-fetch")
-        started, chunks_done = time.monotonic(), 0
+        started = time.monotonic()
         try:
             futures = {}
             submitted = 0
             for start in range(0, len(items), chunk):
-                if deadline is not None and chunks_done:
-                    per_chunk = (time.monotonic() - started) / chunks_done
-                    if time.monotonic() + per_chunk > deadline:
+                if deadline is not None and start:
+                    # At the pace so far, would this chunk end past the deadline? Then it is not started.
+                    per_item = (time.monotonic() - started) / start
+                    if time.monotonic() + per_item * min(chunk, len(items) - start) > deadline:
                         return
-                chunks_done += 1
                 while submitted < min(start + chunk + prefetch, len(items)):
                     futures[submitted] = pool.submit(load, items[submitted])
                     submitted += 1

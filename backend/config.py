@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field
 
 
@@ -79,6 +80,7 @@ class Settings:
     max_jobs: int = 1000  # jobs the in-memory store keeps (finished ones go first, after a day)
     encode_batch: int = 1  # images per ViT forward in bulk work; 1 keeps a click's wait to one image's forward
     predict_budget: float = 60.0  # seconds a batch /predict labels before handing the rest to a job
+    predict_timeout: float = 100.0  # Label Studio's ML_TIMEOUT_PREDICT: answers later than this are posted instead
     max_video_mb: float = 512.0  # a video task's file, downloaded to a temporary file before decoding
     max_video_frames: int = 18000  # frames one video task may have (Label Studio's count at the config's framerate)
     video_window: int = 64  # frames between progress reports and cancel checks; tracker state carries over
@@ -131,6 +133,7 @@ class Settings:
             max_jobs=int(_float("SAM3_MAX_JOBS", cls.max_jobs)),
             encode_batch=int(_float("SAM3_ENCODE_BATCH", cls.encode_batch)),
             predict_budget=_float("SAM3_PREDICT_BUDGET", cls.predict_budget),
+            predict_timeout=_float("SAM3_PREDICT_TIMEOUT", cls.predict_timeout),
             max_video_mb=_float("SAM3_MAX_VIDEO_MB", cls.max_video_mb),
             max_video_frames=int(_float("SAM3_MAX_VIDEO_FRAMES", cls.max_video_frames)),
             video_window=int(_float("SAM3_VIDEO_WINDOW", cls.video_window)),
@@ -171,15 +174,23 @@ class Settings:
                 parse_url(self.label_studio_url)
             except Refused as e:
                 out.append(f"LABEL_STUDIO_URL is not usable: {e}")
+        if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", self.device):
+            out.append(f"DEVICE={self.device} is not a device: auto, cpu, cuda or cuda:N")
+        if self.dtype not in ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"):
+            out.append(f"SAM3_DTYPE={self.dtype}: one of auto, float32, bfloat16, float16")
         for name in ("mask_threshold", "text_threshold", "nms_iou"):
             if not 0 <= getattr(self, name) <= 1:
                 out.append(f"{name} must be between 0 and 1")
         for name in ("max_image_mb", "max_image_pixels", "fetch_timeout", "max_body_mb", "read_timeout",
                      "max_prompts", "max_prompt_chars", "max_ontology", "max_projects", "max_job_tasks", "max_jobs",
-                     "max_pieces", "max_polygon_points", "encode_batch", "predict_budget", "max_detections",
+                     "max_pieces", "max_polygon_points", "encode_batch", "predict_budget", "predict_timeout",
+                     "max_detections",
                      "fetch_retries", "api_retries", "job_chunk", "post_batch", "job_heartbeat", "max_video_mb",
                      "max_video_frames", "video_window", "video_min_track", "video_max_objects"):
             if getattr(self, name) <= 0:
                 out.append(f"{name} must be positive")
+        if self.predict_budget >= self.predict_timeout:
+            out.append("SAM3_PREDICT_BUDGET must be below SAM3_PREDICT_TIMEOUT (Label Studio's ML_TIMEOUT_PREDICT): "
+                       "a batch must stop labelling while Label Studio still waits for its answer")
         return out
 

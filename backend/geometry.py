@@ -118,19 +118,65 @@ def _fill_holes(piece: np.ndarray, min_area: float, most: int) -> np.ndarray:
 
 def _keyhole(rings: list[tuple[np.ndarray, float]], tolerance: float, max_points: int) -> np.ndarray:
     """The outer ring (counter-clockwise) with its holes (clockwise) joined in; at most about `max_points`
-    points, simplifying harder (doubling the tolerance) until they fit."""
-    simple = [_simplify(pts, area, tolerance) for pts, area in rings]
-    tol = max(tolerance, 0.5)
-    while sum(len(r) for r in simple) > max_points and tol < 1e4:
-        tol *= 2  # no thickness cap now: the budget rules; a ring that would collapse keeps its last shape
-        simple = [coarser if len(coarser := _simplify(pts, 1e12, tol)) < len(r) else r
-                  for (pts, _), r in zip(rings, simple)]
+    points (see `_fit`)."""
+    simple = _fit(rings, [_simplify(pts, area, tolerance) for pts, area in rings], tolerance, max_points)
     outer, holes = simple[0], simple[1:]
     ring = outer if _signed_area(outer) > 0 else outer[::-1]
     holes = [h if _signed_area(h) < 0 else h[::-1] for h in holes]  # wound opposite to the ring
     for hole in sorted(holes, key=lambda h: (h[:, 1].min(), h[:, 0].min())):  # topmost first
         ring = _bridge(ring, hole)
     return ring
+
+
+def _fit(rings: list[tuple[np.ndarray, float]], simple: list[np.ndarray], tolerance: float,
+         max_points: int) -> list[np.ndarray]:
+    """`simple` if it fits in `max_points`, else the rings simplified at the smallest tolerance that fits.
+
+    The smallest, not merely one that fits: a thin structure (a cable, a crack, a 3 px diagonal line) is a
+    staircase of thousands of corners that collapses into a few points just past the tolerance that fits it,
+    so the tolerance is searched (doubling to bracket it, then bisecting) for the most points under the cap.
+    Point counts are not strictly monotonic in the tolerance: the best fit seen wins. No thickness cap here:
+    the budget rules; a ring that would collapse keeps its last shape."""
+    def count(rs):
+        return sum(len(r) for r in rs)
+
+    if count(simple) <= max_points:
+        return simple
+
+    def at(tol):
+        return [_coarser(pts, r, tol) for (pts, _), r in zip(rings, simple)]
+
+    lo, hi, best = 0.0, max(tolerance, 0.5), None
+    while hi < 1e4:
+        candidate = at(hi)
+        if count(candidate) <= max_points:
+            best = candidate
+            break
+        lo, hi = hi, hi * 2
+    if best is None:
+        return at(hi)  # nothing fits (thousands of holes at the cap): as coarse as it gets
+    for _ in range(12):  # bracket [lo, hi] narrowed to 1/4096 of its width
+        mid = (lo + hi) / 2
+        candidate = at(mid)
+        if count(candidate) <= max_points:
+            hi = mid
+            if count(candidate) > count(best):
+                best = candidate
+        else:
+            lo = mid
+    return best
+
+
+def _coarser(pts: np.ndarray, current: np.ndarray, tol: float) -> np.ndarray:
+    """`pts` simplified at `tol`, or at the largest of tol/2, tol/4, ... where it does not collapse below three
+    points; `current` when that is not fewer points."""
+    contour = pts.astype(np.float32).reshape(-1, 1, 2)
+    while tol > 1e-3:
+        simple = cv2.approxPolyDP(contour, tol, True).reshape(-1, 2)
+        if len(simple) >= 3:
+            return simple.astype(np.float64) if len(simple) < len(current) else current
+        tol /= 2
+    return current
 
 
 def polygon_to_percent(points: np.ndarray, width: int, height: int) -> list[list[float]]:

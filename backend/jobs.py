@@ -115,7 +115,8 @@ def create(store, api: LabelStudioAPI, settings: Settings, runtime: Runtime, bod
         "model_version": backend.model_version,
         # Resolved here, so every worker labels with exactly these whatever its own environment says.
         "request": {**{k: v for k, v in req.items() if k != "project"},
-                    "ontology": [asdict(e) for e in backend.ontology], "thresholds": asdict(backend.thresholds)},
+                    "ontology": [asdict(e) for e in backend.ontology], "thresholds": asdict(backend.thresholds),
+                    "outline": backend.outline},
         "label_config": config,
         "created_at": now(),
         # What claims and the one-active-job lock are about; a dry run posts nothing, so it locks nothing.
@@ -130,7 +131,8 @@ def backend_for(settings, runtime, api, label_config: str, req: dict) -> SAM3Bac
         raise BackendError("the project has no label config")
     extra = {"ontology": req.get("ontology"), "thresholds": req.get("thresholds")}
     backend = SAM3Backend(label_config=label_config, extra_params=extra, settings=settings, runtime=runtime,
-                          hostname=api.ls.url if api else "", access_token=api.ls.token if api else "")
+                          hostname=api.ls.url if api else "", access_token=api.ls.token if api else "",
+                          outline=req.get("outline"))
     if not backend.ontology:
         raise BackendError("nothing to label: the project's output controls carry no labels")
     # Nobody waits on a job's image: it may retry as long as the API calls do.

@@ -272,6 +272,11 @@ class LabelStudioAPI:
         """The task with its data, annotations and predictions (each with its model_version)."""
         return self.json("GET", f"/api/tasks/{int(task_id)}")
 
+    def predictions(self, task_id: int) -> list[dict]:
+        """The task's predictions alone (id, model_version, result...): a third of the cost of reading the task."""
+        data = self.json("GET", "/api/predictions/", params={"task": int(task_id)})
+        return [p for p in data if isinstance(p, dict)] if isinstance(data, list) else []
+
     def task_ids(self, project_id: int, page_size: int = 500):
         """(id, annotations incl. skipped ones) of every task, in id order, page by page.
 

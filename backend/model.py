@@ -29,9 +29,14 @@ from .video import VideoFile
 log = logging.getLogger(__name__)
 
 
+OUTLINE_KEYS = ("tolerance", "min_area", "holes", "max_pieces", "max_points", "mask_threshold", "video_min_track",
+                "video_max_objects")
+
+
 class SAM3Backend(LabelStudioMLBase):
-    def __init__(self, *args, runtime: Runtime, **kwargs):
+    def __init__(self, *args, runtime: Runtime, outline: dict | None = None, **kwargs):
         self.runtime = runtime  # one engine, shared by every project
+        self._outline = outline  # a job's own (resolved when it was created), else this process's settings
         super().__init__(*args, **kwargs)
 
     def setup(self) -> None:
@@ -65,26 +70,56 @@ class SAM3Backend(LabelStudioMLBase):
 
     @property
     def outline(self) -> dict:
-        """How masks become polygons (`regions.to_regions`' settings)."""
+        """How masks become regions: the mask threshold and `regions.to_regions`' settings."""
+        if self._outline is not None:
+            return {k: self._outline[k] for k in OUTLINE_KEYS}
         s = self.settings
         return {"tolerance": s.polygon_tolerance, "min_area": s.min_piece_area, "holes": s.polygon_holes,
-                "max_pieces": s.max_pieces, "max_points": s.max_polygon_points}
+                "max_pieces": s.max_pieces, "max_points": s.max_polygon_points, "mask_threshold": s.mask_threshold,
+                "video_min_track": s.video_min_track, "video_max_objects": s.video_max_objects}
+
+    @property
+    def shape(self) -> dict:
+        """What `regions.to_regions` takes from `outline`."""
+        return {k: self.outline[k] for k in ("tolerance", "min_area", "holes", "max_pieces", "max_points")}
+
+    def output_spec(self) -> dict:
+        """Everything besides the weights, the ontology and the thresholds that changes what is predicted: the
+        output controls (a brush added to a polygon config is a new prediction) and the settings that shape
+        their regions, only those that apply to the kinds present. Not the device, dtype, batch sizes, caches
+        or limits: a job spread over CPU and GPU workers is one model_version."""
+        controls = sorted([c.tag, c.name, c.to_name] for c in self.config.outputs)
+        kinds = {c.type for c in self.config.outputs}
+        out = self.outline
+        spec: dict = {"controls": controls}
+        if kinds & {"polygonlabels", "brushlabels", "rectanglelabels"}:
+            spec["mask_threshold"] = out["mask_threshold"]
+            spec["min_area"] = out["min_area"]
+        if "polygonlabels" in kinds:
+            spec["polygon"] = [out["tolerance"], out["holes"], out["max_pieces"], out["max_points"]]
+        if "videorectangle" in kinds:
+            spec["video"] = [out["video_min_track"], out["video_max_objects"]]
+        return spec
 
     @property
     def model_version(self) -> str:
-        """Changes with the checkpoint, the ontology or the thresholds, and only with them."""
+        """Changes with the checkpoint, the ontology, the thresholds and the outputs (`output_spec`), and only
+        with them."""
         base = self.runtime.model_version
         if base is None:
             self.runtime.wait(0)  # raises: loading or failed, with the reason
         if self.ontology is None:
             return base
-        return f"{base}-{autolabel.fingerprint(self.ontology, self.thresholds)}"
+        return f"{base}-{autolabel.fingerprint(self.ontology, self.thresholds, self.output_spec())}"
 
     # ---- predict ---------------------------------------------------------------------------
     def predict(self, tasks: list[dict], context: dict | None = None, notices: bool = False, handoff=None,
-                **kwargs) -> list[dict]:
+                late=None, started: float | None = None, client_gone=None, **kwargs) -> list[dict]:
         """`notices`: the caller is Label Studio's editor, which shows a refused click only as a suggestion.
-        `handoff(tasks)`: starts a background job for the tasks a batch could not reach in time (its id)."""
+        `handoff(tasks)`: starts a background job for the tasks a batch could not reach in time (its id).
+        `late(predictions)`: posts answers through the API when Label Studio may no longer be waiting for them
+        (see `predict_batch`); `started` (time.monotonic()) is when the request came in; `client_gone()` says
+        whether the caller hung up."""
         if self.config is None:
             raise BackendError("no label config: call /setup first or send label_config with the request")
         if isinstance(context, dict) and context.get("result") is not None:
@@ -102,7 +137,7 @@ class SAM3Backend(LabelStudioMLBase):
                     raise
                 log.info("task %s: interactive request refused: %s", tasks[0].get("id"), e.message)
                 return [notice]
-        return self.predict_batch(tasks, handoff)
+        return self.predict_batch(tasks, handoff, late, started, client_gone)
 
     def notice(self, message: str, context: dict) -> dict | None:
         """An error the annotator can read: a line in the config's TextArea, sent as a suggestion.
@@ -122,31 +157,73 @@ class SAM3Backend(LabelStudioMLBase):
         version = self.runtime.model_version or "sam3"
         return {"result": [region], "score": 0.0, "model_version": version, "error": message}
 
-    def predict_batch(self, tasks: list[dict], handoff=None) -> list[dict]:
+    def predict_batch(self, tasks: list[dict], handoff=None, late=None, started: float | None = None,
+                      client_gone=None) -> list[dict]:
         """Every instance of every label in each task's images; one answer per task, in order.
 
         A task that could not be labelled gets an answer without "result" (its "error" says why), which
         Label Studio does not store: the task stays unlabelled and a later Retrieve Predictions tries it
         again, instead of skipping it forever as predicted by this model_version.
 
-        Label Studio waits 100 s for the whole batch and stores nothing if it waits longer: the batch stops at
-        SAM3_PREDICT_BUDGET, and the tasks it did not reach go to `handoff` (a background job that posts
-        their predictions through the API); their answers here carry no result.
+        Label Studio waits SAM3_PREDICT_TIMEOUT seconds (its ML_TIMEOUT_PREDICT, 100 s) for the whole batch and
+        stores nothing from a later answer. So the batch works to SAM3_PREDICT_BUDGET: a task that would not
+        finish inside what is left of it (at the pace so far) is not started, and it and the rest go to
+        `handoff` (a background job that posts their predictions through the API). And when the answers are
+        ready too late for Label Studio (one task ran long past the budget, or Label Studio hung up), they are
+        posted through the API by `late` instead (or handed on): every task ends with one prediction.
         """
-        deadline = time.monotonic() + self.settings.predict_budget
-        answers = [prediction if error is None else self.failure(error)
-                   for _, _, prediction, error in self.iter_predictions(tasks, deadline=deadline)]
-        rest = tasks[len(answers):]
-        if rest:
-            why = f"not reached within the {self.settings.predict_budget:.0f} s budget of one request"
+        started = time.monotonic() if started is None else started
+        deadline = started + self.settings.predict_budget
+        answers: list[dict | None] = [prediction if error is None else self.failure(error)
+                                      for _, _, prediction, error in self.iter_predictions(tasks, deadline=deadline)]
+        why = {i: f"not reached within the {self.settings.predict_budget:.0f} s budget of one request"
+               for i in range(len(answers), len(tasks))}
+        answers += [None] * (len(tasks) - len(answers))
+        answered = [i for i, a in enumerate(answers) if a is not None and "result" in a]
+        if answered and self._too_late(started, client_gone):
+            took = time.monotonic() - started
+            posted = self._post_late(tasks, answers, answered, late)
+            for i in answered:
+                if i in posted:
+                    answers[i] = {"model_version": self.model_version,
+                                  "error": f"answered after {took:.0f} s, when Label Studio had stopped waiting: "
+                                           "posted through the API instead"}
+                else:
+                    why[i] = f"answered after {took:.0f} s, too late for Label Studio"
+        if why:
+            handed = sorted(why)
             try:
-                job = handoff(rest) if handoff else None
-                why += f"; background job {job} labels it" if job else "; Retrieve Predictions again to label it"
+                job = handoff([tasks[i] for i in handed]) if handoff else None
+                then = f"; background job {job} labels it" if job else "; Retrieve Predictions again to label it"
             except BackendError as e:
-                why += f"; no background job could take it ({e.message})"
-            log.info("batch of %d tasks: %d answered, %d handed on: %s", len(tasks), len(answers), len(rest), why)
-            answers += [self.failure(BackendError(why)) for _ in rest]
+                then = f"; no background job could take it ({e.message})"
+            log.info("batch of %d tasks: %d handed on%s", len(tasks), len(handed), then)
+            for i in handed:
+                answers[i] = self.failure(BackendError(why[i] + then))
         return answers
+
+    def _too_late(self, started: float, client_gone=None) -> bool:
+        """May Label Studio have stopped waiting? Past its limit less a margin for sending the answer, or hung up."""
+        limit = self.settings.predict_timeout
+        if time.monotonic() - started > limit - min(10.0, 0.1 * limit):
+            return True
+        try:
+            return bool(client_gone and client_gone())
+        except Exception:  # a socket we cannot ask: judge by the clock alone
+            return False
+
+    def _post_late(self, tasks: list[dict], answers: list, answered: list[int], late) -> set[int]:
+        """The indices of the answers `late` posted through the API (the others are handed on with the rest)."""
+        posted: set[int] = set()
+        if late is not None:
+            try:
+                posted = set(late({i: (tasks[i], answers[i]) for i in answered}))
+            except BackendError as e:
+                log.warning("could not post late answers through the API: %s", e.message)
+        log.warning("batch of %d tasks finished past Label Studio's %.0f s limit (or it hung up): %d answers posted "
+                    "through the API, %d handed on", len(tasks), self.settings.predict_timeout, len(posted),
+                    len(answered) - len(posted))
+        return posted
 
     def failure(self, error: Exception) -> dict:
         return {"model_version": self.model_version, "error": getattr(error, "message", None) or str(error)}
@@ -197,7 +274,7 @@ class SAM3Backend(LabelStudioMLBase):
                 yield task, {}, self._prediction([], 0.0), None
 
     def auto_labeler(self, engine) -> AutoLabeler:
-        return AutoLabeler(engine, self.ontology, self.thresholds, self.settings.mask_threshold,
+        return AutoLabeler(engine, self.ontology, self.thresholds, self.outline["mask_threshold"],
                            self.settings.encode_batch)
 
     def prediction_for(self, dets: dict[str, Detections]) -> dict:
@@ -209,7 +286,7 @@ class SAM3Backend(LabelStudioMLBase):
             for label, group in autolabel.group_by_label(found).items():
                 for control in self.config.outputs_on(image):
                     if label in control.labels:
-                        regions += to_regions(group, control, **self.outline)
+                        regions += to_regions(group, control, **self.shape)
         return self._prediction(regions, float(np.mean(scores)) if scores else 0.0)
 
     def load_task_image(self, task: dict, image: str | None = None):
@@ -287,7 +364,8 @@ class SAM3Backend(LabelStudioMLBase):
                 timing = Timing()
                 tracks = engine.video.track(
                     video.frames(), (video.info.width, video.info.height), entries, self.thresholds,
-                    min_frames=s.video_min_track, window=s.video_window, max_objects=s.video_max_objects,
+                    min_frames=self.outline["video_min_track"], window=s.video_window,
+                    max_objects=self.outline["video_max_objects"],
                     on_window=window, timing=timing)
                 info = video.info
             log.info("task %s: %d tracks over %d frames; seconds per frame: %s",
@@ -323,15 +401,15 @@ class SAM3Backend(LabelStudioMLBase):
             dets = labeler.label(enc, [autolabel.Entry(prompt.text or label, label)],
                                  prompt.exemplars_px(enc.width, enc.height))
         elif len(prompt.boxes) > 1:  # several boxes: one object each
-            parts = [engine.segment(enc, box=b, mask_threshold=s.mask_threshold)
+            parts = [engine.segment(enc, box=b, mask_threshold=self.outline["mask_threshold"])
                      for b in prompt.boxes_px(enc.width, enc.height)]
             dets = Detections(np.stack([m for m, _ in parts]), np.array([sc for _, sc in parts]), [label] * len(parts))
         else:
             box = prompt.boxes_px(enc.width, enc.height)[0] if prompt.boxes else None
             mask, score = engine.segment(enc, prompt.points_px(enc.width, enc.height), prompt.point_labels, box,
-                                         s.mask_threshold)
+                                         self.outline["mask_threshold"])
             dets = Detections(mask[None], np.array([score]), [label])
-        regions = to_regions(dets, control, **self.outline)
+        regions = to_regions(dets, control, **self.shape)
         log.debug("task %s: %d regions in %.3fs", task.get("id"), len(regions), time.perf_counter() - t0)
         score = float(dets.scores.max()) if len(dets) else 0.0
         return self._prediction(regions, score)

@@ -10,6 +10,8 @@ import base64
 import binascii
 import hmac
 import logging
+import select
+import socket
 import threading
 import time
 from collections import OrderedDict
@@ -20,11 +22,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 from werkzeug.exceptions import HTTPException
 
-from . import __version__, dispatch, jobs, labelstudio, metrics, wire
+from . import __version__, dispatch, jobs, labelstudio, metrics, poster, wire
 from .config import Settings
 from .engine import Sam3Engine
 from .errors import BackendError
 from .model import SAM3Backend
+from .retry import Backoff
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -109,7 +112,7 @@ def create_app(settings: Settings | None = None, engine: Sam3Engine | None = Non
 
     @app.before_request
     def _start():
-        g.t0 = time.perf_counter()
+        g.t0, g.started = time.perf_counter(), time.monotonic()
         if settings.basic_auth_user:
             if not _authorized(request.headers.get("Authorization", ""), settings):
                 resp = jsonify({"error": "authentication required (HTTP Basic)"})
@@ -198,7 +201,21 @@ def create_app(settings: Settings | None = None, engine: Sam3Engine | None = Non
                              "ontology": [asdict(e) for e in model.ontology], "thresholds": asdict(model.thresholds)})
             return job["id"]
 
-        predictions = model.predict(req.tasks, context=req.context, notices=from_label_studio, handoff=handoff)
+        def late(ready: dict[int, tuple[dict, dict]]) -> list[int]:
+            """Answers ready after Label Studio stopped waiting, posted through its API instead; the indices
+            posted (a post that may have been applied is checked before it is sent again)."""
+            api = labelstudio.api_for(settings, model.connection)
+            if api is None or not req.project:
+                raise BackendError("no Label Studio connection to post them through")
+            by_id = {t["id"]: (i, t, a) for i, (t, a) in ready.items()
+                     if isinstance(t.get("id"), int) and not isinstance(t.get("id"), bool)}
+            out = poster.save(api, int(req.project), model.model_version, {tid: a for tid, (_, _, a) in by_id.items()},
+                              {tid: t for tid, (_, t, _) in by_id.items()}, runtime.model_version or "", False,
+                              Backoff(settings.api_retries))
+            return [by_id[tid][0] for tid in out.posted]
+
+        predictions = model.predict(req.tasks, context=req.context, notices=from_label_studio, handoff=handoff,
+                                    late=late, started=g.started, client_gone=lambda: _hung_up(request.environ))
         if len(predictions) != len(req.tasks):  # Label Studio pairs results[i] with tasks[i]
             raise RuntimeError(f"{len(predictions)} predictions for {len(req.tasks)} tasks")
         return jsonify({"results": predictions, "model_version": model.model_version})
@@ -259,6 +276,21 @@ def create_app(settings: Settings | None = None, engine: Sam3Engine | None = Non
         return Response(generate_latest(metrics.REGISTRY), mimetype=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _hung_up(environ) -> bool:
+    """Has the client closed its connection (Label Studio gave up waiting)? A closed socket reads as end of file."""
+    sock = environ.get("gunicorn.socket") or environ.get("werkzeug.socket")
+    if sock is None:
+        return False
+    try:
+        if not select.select([sock], [], [], 0)[0]:
+            return False  # nothing to read: still open
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:  # reset by the peer
+        return True
 
 
 def _reason(message: str) -> str:

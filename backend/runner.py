@@ -28,11 +28,15 @@ log = logging.getLogger(__name__)
 
 
 class Heartbeat:
-    """While a plan or a chunk runs: tell rq the worker is alive and renew the claims it holds."""
+    """While a plan or a chunk runs: tell rq the worker is alive and renew the claims it holds.
 
-    def __init__(self, ctx: Context, scope: str | None = None, owner: str = ""):
-        self.ctx, self.scope, self.owner = ctx, scope, owner
-        self.held: set[int] = set()
+    A claim is held with its fencing token (`held`: task -> token); renewing checks the token, so a claim that
+    lapsed while this process was paused, and that another runner took since, is never taken back.
+    """
+
+    def __init__(self, ctx: Context, scope: str | None = None, owner: str = "", job_id: str | None = None):
+        self.ctx, self.scope, self.owner, self.job_id = ctx, scope, owner, job_id
+        self.held: dict[int, int] = {}
         self.lease = float(ctx.settings.job_heartbeat)
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -46,20 +50,34 @@ class Heartbeat:
         self._stop.set()
         self._thread.join()
         if self.scope and self.held:
-            self.ctx.store.release(self.scope, self.held, self.owner)
+            self.ctx.store.release(self.scope, dict(self.held), self.owner)
 
     def claim(self, tasks) -> set[int]:
-        """Take (or renew) the claims of `tasks`; the ones held now."""
-        got = self.ctx.store.claim(self.scope, tasks, self.owner, self.lease)
+        """Take the free tasks of `tasks` and renew the ones held; the ones held now."""
+        tasks = set(tasks)
         with self._lock:
-            self.held |= got
-            self.held -= set(tasks) - got  # a claim that lapsed to another runner is no longer ours
-        return got
+            mine = {t: tok for t, tok in self.held.items() if t in tasks}
+        kept = self.confirm(mine) if mine else set()
+        got = self.ctx.store.claim(self.scope, tasks - set(mine), self.owner, self.lease)
+        with self._lock:
+            self.held.update(got)
+        return kept | set(got)
+
+    def confirm(self, tasks) -> set[int]:
+        """The tasks of `tasks` still ours (renewed); the others are forgotten: their fencing token is stale or
+        the job has finished them (another runner posted them while this one was paused)."""
+        with self._lock:
+            mine = {t: self.held[t] for t in tasks if t in self.held}
+        kept = self.ctx.store.renew(self.scope, mine, self.owner, self.lease, self.job_id) if mine else set()
+        with self._lock:
+            for t in set(mine) - kept:
+                self.held.pop(t, None)
+        return kept
 
     def release(self, tasks) -> None:
         with self._lock:
-            self.held -= set(tasks)
-        self.ctx.store.release(self.scope, tasks, self.owner)
+            mine = {t: self.held.pop(t) for t in tasks if t in self.held}
+        self.ctx.store.release(self.scope, mine, self.owner)
 
     def _run(self) -> None:
         every = max(0.5, min(self.lease, float(self.ctx.settings.job_heartbeat)) / 4)
@@ -68,9 +86,9 @@ class Heartbeat:
                 self.ctx.heartbeat()
                 if self.scope:
                     with self._lock:
-                        held = set(self.held)
+                        held = list(self.held)
                     if held:
-                        self.claim(held)
+                        self.confirm(held)
             except Exception as e:  # Redis away for a moment: the next beat tries again
                 log.warning("heartbeat failed: %s", e)
 
@@ -137,7 +155,7 @@ def run_chunk(ctx: Context, job_id: str, index: int, task_ids: list[int], wait: 
     labeler = backend.auto_labeler(ctx.runtime.wait(timeout=600))
     scope = job["scope"]
     owner = f"{ctx.worker}:{uuid.uuid4().hex[:8]}"  # one per run: two runs in one process are two owners
-    with Heartbeat(ctx, scope, owner) as beat:
+    with Heartbeat(ctx, scope, owner, job_id) as beat:
         while True:
             left = [t for t in task_ids if t not in store.done(job_id)]
             if not left or store.status(job_id) not in ACTIVE:
@@ -165,6 +183,10 @@ def _label_and_post(ctx: Context, job: dict, backend, labeler, beat: Heartbeat, 
     def load(tid, image):
         if tid not in fetched:  # read once per task, fresh, however many images it has
             fetched[tid] = api.task(tid)
+            # Two runs that shared no store may have both posted it: the rule every run applies, here too.
+            removed = poster.remove_duplicates(api, fetched[tid], mv)
+            if removed:
+                store.add(job_id, "duplicates_removed", removed)
         task = fetched[tid]
         if task.get("annotations"):
             raise Skip("annotated")
@@ -192,7 +214,7 @@ def _label_and_post(ctx: Context, job: dict, backend, labeler, beat: Heartbeat, 
         labeler.stages.add("upload", time.perf_counter() - t0)
 
     try:
-        frames = lambda n: store.add_frames(job_id, n)  # noqa: E731  (video progress, between windows)
+        frames = lambda n: store.add(job_id, "frames", n)  # noqa: E731  (video progress, between windows)
         stopped = lambda: store.status(job_id) not in ACTIVE  # noqa: E731  (a video stops between windows)
         for task_id, _, prediction, error in backend.label_tasks(labeler, tasks, load, on_frames=frames,
                                                                  cancelled=stopped):
@@ -206,6 +228,7 @@ def _label_and_post(ctx: Context, job: dict, backend, labeler, beat: Heartbeat, 
                 beat.release([task_id])
             else:
                 pending[task_id] = prediction
+                log.debug("job %s: task %s labelled, %d to post", job_id, task_id, len(pending))
             if len(pending) >= ctx.settings.post_batch:
                 flush()
             if store.status(job_id) not in ACTIVE:
@@ -217,13 +240,19 @@ def _label_and_post(ctx: Context, job: dict, backend, labeler, beat: Heartbeat, 
 
 def _save(ctx: Context, job: dict, backend, beat: Heartbeat, predictions: dict[int, dict],
           tasks: dict[int, dict]) -> None:
-    """Post a batch (or keep it, for a dry run) and record each task's outcome; only tasks still claimed."""
+    """Post a batch (or keep it, for a dry run) and record each task's outcome; only tasks still claimed.
+
+    Two guards, so that a task gets one prediction whatever the order of events: the claim's fencing token
+    (checked in the store right before posting, together with the job's finished set), and, after posting, a
+    last look at the task's predictions in Label Studio with `poster.remove_duplicates`' rule, for the runs the
+    store cannot see (ones that share no store with this one, or posted in the same instant).
+    """
     store, job_id, req, mv = ctx.store, job["id"], job["request"], job["model_version"]
-    held = beat.claim(list(predictions))  # renewed right before posting: a lapsed claim is another runner's now
+    held = beat.confirm(list(predictions))
     lost = set(predictions) - held
     if lost:
-        log.warning("job %s: tasks %s were claimed by another runner meanwhile; not posting them", job_id,
-                    sorted(lost))
+        log.warning("job %s: tasks %s were claimed or finished by another runner meanwhile; not posting them",
+                    job_id, sorted(lost))
     predictions = {t: p for t, p in predictions.items() if t in held}
     if req["dry_run"]:
         results = store.get(job_id).get("predictions") or []
@@ -232,12 +261,14 @@ def _save(ctx: Context, job: dict, backend, beat: Heartbeat, predictions: dict[i
         beat.release(list(predictions))
         return
     own_prefix = ctx.runtime.model_version
-    posted, failed = poster.save(ctx.require_api(), job["project"], mv, predictions, tasks, own_prefix,
-                                 req["overwrite"], Backoff(ctx.settings.api_retries))
-    store.finish(job_id, "predicted", posted, ctx.worker)
-    for tid, message in failed.items():
+    out = poster.save(ctx.require_api(), job["project"], mv, predictions, tasks, own_prefix, req["overwrite"],
+                      Backoff(ctx.settings.api_retries))
+    store.finish(job_id, "predicted", out.posted, ctx.worker)
+    for tid, message in out.failed.items():
         store.add_error(job_id, tid, message)
-    store.finish(job_id, "failed", {t: 0 for t in failed}, ctx.worker)
+    store.finish(job_id, "failed", {t: 0 for t in out.failed}, ctx.worker)
+    if out.removed:
+        store.add(job_id, "duplicates_removed", out.removed)
     beat.release(list(predictions))
 
 

@@ -4,8 +4,11 @@ Both stores keep, per job: its fields, counters that add up across chunks and wo
 tasks it has finished, the set of chunks it has finished, the last errors, and how many tasks each
 worker did. They own the operations that must be atomic:
 - `create` takes the lock of a (project, model_version) "scope": one active job per scope;
-- `claim` gives a task of a scope to one runner for a lease (renewed while it works, released when done),
-  so two runs of one chunk, or a run that rq thinks dead but is only paused, never label a task twice;
+- `claim` gives a task of a scope to one runner for a lease, with a fencing token (a per-task counter that
+  every new claim increments); `renew` keeps a claim only for the runner holding that token, and only while
+  nobody else has claimed the task since and the job has not finished it. So a runner paused past its lease
+  (SIGSTOP, a VM migration, a laptop lid) never takes back a task that another runner claimed, posted and
+  released meanwhile: the token it holds is stale;
 - `finish` counts a task once however often it is reported; `finish_chunk` counts a chunk once.
 """
 from __future__ import annotations
@@ -16,7 +19,8 @@ import time
 
 from .errors import BackendError
 
-COUNTERS = ("total", "processed", "predicted", "skipped", "failed", "regions_added", "chunks_total", "frames")
+COUNTERS = ("total", "processed", "predicted", "skipped", "failed", "regions_added", "chunks_total", "frames",
+            "duplicates_removed")
 OUTCOMES = ("predicted", "skipped", "failed")
 ACTIVE = ("queued", "running")
 FINAL = ("succeeded", "failed", "cancelled")
@@ -95,24 +99,52 @@ for i = 2, tonumber(ARGV[1]) + 1 do
 end
 return 0
 """
-# ARGV: key prefix, owner, lease ms, task ids...: the tasks now held by `owner` (taken or renewed).
+# A claim is a key "<prefix><task>" holding "<owner>|<token>" for the lease; the scope's fence hash holds, per
+# task, the last token given out. KEYS: fence hash. ARGV: key prefix, owner, lease ms, fence ttl s, task ids...
+# Free tasks are taken with a new token; the owner's own claims are renewed. Returns task, token, task, token...
 _CLAIM = """
-local held = {}
-for i = 4, #ARGV do
+local out = {}
+for i = 5, #ARGV do
   local key = ARGV[1] .. ARGV[i]
-  local owner = redis.call('GET', key)
-  if not owner then
-    redis.call('SET', key, ARGV[2], 'PX', ARGV[3]); held[#held + 1] = ARGV[i]
-  elseif owner == ARGV[2] then
-    redis.call('PEXPIRE', key, ARGV[3]); held[#held + 1] = ARGV[i]
+  local cur = redis.call('GET', key)
+  if not cur then
+    local token = redis.call('HINCRBY', KEYS[1], ARGV[i], 1)
+    redis.call('SET', key, ARGV[2] .. '|' .. token, 'PX', ARGV[3])
+    out[#out + 1] = ARGV[i]; out[#out + 1] = token
+  else
+    local owner, token = string.match(cur, '^(.*)|(%d+)$')
+    if owner == ARGV[2] then
+      redis.call('PEXPIRE', key, ARGV[3])
+      out[#out + 1] = ARGV[i]; out[#out + 1] = tonumber(token)
+    end
   end
 end
-return held
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return out
 """
-_RELEASE = """
-for i = 3, #ARGV do
+# KEYS: fence hash, the job's done set. ARGV: key prefix, owner, lease ms, task, token, task, token...
+# A claim stays the owner's while the key holds its token, or has lapsed with nobody claiming the task since
+# (the fence still at its token); never once the job has finished the task. Returns the tasks still held.
+_RENEW = """
+local out = {}
+for i = 4, #ARGV, 2 do
   local key = ARGV[1] .. ARGV[i]
-  if redis.call('GET', key) == ARGV[2] then redis.call('DEL', key) end
+  local mine = ARGV[2] .. '|' .. ARGV[i + 1]
+  local cur = redis.call('GET', key)
+  local held = cur == mine
+  if not cur then held = redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] end
+  if held and redis.call('SISMEMBER', KEYS[2], ARGV[i]) == 0 then
+    redis.call('SET', key, mine, 'PX', ARGV[3])
+    out[#out + 1] = ARGV[i]
+  end
+end
+return out
+"""
+# ARGV: key prefix, owner, task, token, ...: a claim is deleted only by the owner of that token.
+_RELEASE = """
+for i = 3, #ARGV, 2 do
+  local key = ARGV[1] .. ARGV[i]
+  if redis.call('GET', key) == ARGV[2] .. '|' .. ARGV[i + 1] then redis.call('DEL', key) end
 end
 return 1
 """
@@ -135,7 +167,8 @@ class MemoryStore:
         self._workers: dict[str, dict] = {}
         self._chunks: dict[str, list] = {}
         self._locks: dict[str, str] = {}  # scope -> job id
-        self._claims: dict[tuple[str, int], tuple[str, float]] = {}  # (scope, task) -> (owner, until)
+        self._claims: dict[tuple[str, int], tuple[str, int, float]] = {}  # (scope, task) -> (owner, token, until)
+        self._fences: dict[str, dict[int, int]] = {}  # scope -> task -> the last fencing token given out
         self._lock = threading.RLock()
 
     def create(self, job_id: str, fields: dict, scope: str | None = None) -> None:
@@ -162,6 +195,13 @@ class MemoryStore:
                 for table in (self._jobs, self._done, self._chunks_done, self._enqueued, self._errors,
                               self._workers, self._chunks):
                     table.pop(job_id, None)
+        # Fencing tokens outlive claims (a paused runner's token must stay stale), but not every job of their scope.
+        scopes = {j.get("scope") for j in self._jobs.values()}
+        for scope in [s for s in self._fences if s not in scopes]:
+            del self._fences[scope]
+        mono = time.monotonic()
+        for key in [k for k, (_, _, until) in self._claims.items() if until < mono and k[0] not in scopes]:
+            del self._claims[key]
 
     def get(self, job_id: str) -> dict | None:
         with self._lock:
@@ -232,27 +272,49 @@ class MemoryStore:
         with self._lock:
             return set(self._done.get(job_id, ()))
 
-    def add_frames(self, job_id: str, n: int) -> None:
-        """Video frames tracked (progress within long video tasks)."""
+    def add(self, job_id: str, counter: str, n: int) -> None:
+        """Add to a counter: video frames tracked (progress within long video tasks), duplicates removed."""
         with self._lock:
             if job_id in self._jobs:
-                self._jobs[job_id]["frames"] = self._jobs[job_id].get("frames", 0) + int(n)
+                self._jobs[job_id][counter] = self._jobs[job_id].get(counter, 0) + int(n)
 
-    def claim(self, scope: str, tasks, owner: str, lease: float) -> set[int]:
-        """The tasks of `tasks` that `owner` holds now: free ones are taken, its own are renewed."""
-        now, held = time.monotonic(), set()
+    def claim(self, scope: str, tasks, owner: str, lease: float) -> dict[int, int]:
+        """{task: fencing token} of the tasks of `tasks` that `owner` holds now: free ones are taken with a new
+        token, its own are renewed."""
+        now, held = time.monotonic(), {}
         with self._lock:
-            for t in tasks:
-                current = self._claims.get((scope, int(t)))
-                if current is None or current[1] < now or current[0] == owner:
-                    self._claims[(scope, int(t))] = (owner, now + lease)
-                    held.add(int(t))
+            fences = self._fences.setdefault(scope, {})
+            for t in map(int, tasks):
+                current = self._claims.get((scope, t))
+                if current is None or current[2] < now:
+                    fences[t] = fences.get(t, 0) + 1
+                    self._claims[(scope, t)] = (owner, fences[t], now + lease)
+                    held[t] = fences[t]
+                elif current[0] == owner:
+                    self._claims[(scope, t)] = (owner, current[1], now + lease)
+                    held[t] = current[1]
         return held
 
-    def release(self, scope: str, tasks, owner: str) -> None:
+    def renew(self, scope: str, held: dict[int, int], owner: str, lease: float, job_id: str | None = None) -> set[int]:
+        """The tasks of `held` ({task: token}) still `owner`'s: its claim with that token, or lapsed with nobody
+        claiming the task since; never a task the job `job_id` has finished. Those are renewed."""
+        now, out = time.monotonic(), set()
         with self._lock:
-            for t in tasks:
-                if self._claims.get((scope, int(t)), ("",))[0] == owner:
+            fences = self._fences.get(scope, {})
+            done = self._done.get(job_id, set()) if job_id else set()
+            for t, token in held.items():
+                current = self._claims.get((scope, int(t)))
+                mine = (current[:2] == (owner, token) if current is not None and current[2] >= now
+                        else fences.get(int(t)) == token)
+                if mine and int(t) not in done:
+                    self._claims[(scope, int(t))] = (owner, token, now + lease)
+                    out.add(int(t))
+        return out
+
+    def release(self, scope: str, held: dict[int, int], owner: str) -> None:
+        with self._lock:
+            for t, token in held.items():
+                if self._claims.get((scope, int(t)), ("", 0))[:2] == (owner, token):
                     del self._claims[(scope, int(t))]
 
     def add_error(self, job_id: str, task_id, message: str) -> None:
@@ -279,6 +341,7 @@ class RedisStore:
         self._transition = redis.register_script(_TRANSITION)
         self._claim = redis.register_script(_CLAIM)
         self._release = redis.register_script(_RELEASE)
+        self._renew = redis.register_script(_RENEW)
 
     def _keys(self, job_id: str) -> tuple[str, ...]:
         k = self.prefix + job_id
@@ -370,20 +433,32 @@ class RedisStore:
     def done(self, job_id: str) -> set[int]:
         return {int(t) for t in self.r.smembers(self._keys(job_id)[1])}
 
-    def add_frames(self, job_id: str, n: int) -> None:
-        self.r.hincrby(self._keys(job_id)[0], "frames", int(n))
+    def add(self, job_id: str, counter: str, n: int) -> None:
+        self.r.hincrby(self._keys(job_id)[0], counter, int(n))
 
-    def claim(self, scope: str, tasks, owner: str, lease: float) -> set[int]:
+    def claim(self, scope: str, tasks, owner: str, lease: float) -> dict[int, int]:
         tasks = [int(t) for t in tasks]
         if not tasks:
-            return set()
-        held = self._claim(keys=[], args=[f"sam3:claim:{scope}:", owner, int(lease * 1000), *tasks])
-        return {int(t) for t in held}
+            return {}
+        out = self._claim(keys=[f"sam3:fence:{scope}"],
+                          args=[f"sam3:claim:{scope}:", owner, int(lease * 1000), self.ttl, *tasks])
+        return {int(out[i]): int(out[i + 1]) for i in range(0, len(out), 2)}
 
-    def release(self, scope: str, tasks, owner: str) -> None:
-        tasks = [int(t) for t in tasks]
-        if tasks:
-            self._release(keys=[], args=[f"sam3:claim:{scope}:", owner, *tasks])
+    def renew(self, scope: str, held: dict[int, int], owner: str, lease: float, job_id: str | None = None) -> set[int]:
+        if not held:
+            return set()
+        args = [f"sam3:claim:{scope}:", owner, int(lease * 1000)]
+        for t, token in held.items():
+            args += [int(t), int(token)]
+        done = self._keys(job_id)[1] if job_id else "sam3:none"
+        return {int(t) for t in self._renew(keys=[f"sam3:fence:{scope}", done], args=args)}
+
+    def release(self, scope: str, held: dict[int, int], owner: str) -> None:
+        if held:
+            args = [f"sam3:claim:{scope}:", owner]
+            for t, token in held.items():
+                args += [int(t), int(token)]
+            self._release(keys=[], args=args)
 
     def add_error(self, job_id: str, task_id, message: str) -> None:
         key = self._keys(job_id)[3]

@@ -17,6 +17,9 @@ from backend.config import Settings
 from backend.engine import Sam3Engine
 
 LS_VENV = Path(os.environ.get("LS_VENV", Path.home() / ".cache/label-studio-sam3/ls-1.23.2"))
+# Label Studio's limit for a /predict answer, lowered from its 100 s so that a test can run past it in seconds
+# (the tiny model answers every other request well inside it).
+ML_TIMEOUT_PREDICT = 10
 
 CONFIG = """<View>
   <Image name="image" value="$image"/>
@@ -116,7 +119,8 @@ def label_studio(tmp_path_factory):
     data = tmp_path_factory.mktemp("ls-data")
     port, token = free_port(), secrets.token_hex(20)
     log = data / "ls.log"
-    env = dict(os.environ, USE_DEFAULT_BANNED_SUBNETS="false", LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK="true")
+    env = dict(os.environ, USE_DEFAULT_BANNED_SUBNETS="false", LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK="true",
+               ML_TIMEOUT_PREDICT=str(ML_TIMEOUT_PREDICT))
     cmd = [str(exe), "start", "--no-browser", "--data-dir", str(data), "--internal-host", "127.0.0.1", "-p", str(port),
            "--username", "admin@example.com", "--password", "e2e-Passw0rd", "--user-token", token,
            "--enable-legacy-api-token"]

@@ -180,6 +180,61 @@ def test_model_version_follows_checkpoint_ontology_and_thresholds(settings, engi
     assert status == 400 and "valid labels: cat, dog" in body["error"]
 
 
+def test_model_version_changes_with_what_changes_the_output_and_only_with_that(settings, engine):
+    """"Skip tasks that have this version" must not skip a task predicted before a brush was added."""
+    from dataclasses import replace
+
+    from backend.model import SAM3Backend
+    from backend.runtime import Runtime
+
+    runtime = Runtime(settings, engine)
+    brush = CONFIG.replace("</View>", '<BrushLabels name="mask" toName="image"><Label value="cat"/>'
+                                      '<Label value="dog"/></BrushLabels></View>')
+    boxes = CONFIG.replace("PolygonLabels", "RectangleLabels").replace('name="rect" toName="image" smart="true"',
+                                                                       'name="rect2" toName="image" smart="true"')
+
+    def version(config=CONFIG, **changes):
+        return SAM3Backend(label_config=config, settings=replace(settings, **changes), runtime=runtime).model_version
+
+    base = version()
+    changed = {
+        "a brush added": version(brush),
+        "boxes instead of polygons": version(boxes),
+        "polygon tolerance": version(polygon_tolerance=2.0),
+        "holes off": version(polygon_holes=False),
+        "point cap": version(max_polygon_points=500),
+        "pieces cap": version(max_pieces=4),
+        "speck size": version(min_piece_area=64),
+        "mask threshold": version(mask_threshold=0.6),
+        "max detections": version(max_detections=10),
+    }
+    assert len(set(changed.values()) | {base}) == len(changed) + 1, changed
+    same = [version(cache_mb=10), version(encode_batch=4), version(predict_budget=30), version(max_image_mb=8),
+            version(device="cuda"), version(video_max_objects=3)]  # no video output here: video settings do not count
+    assert set(same) == {base}
+    # a brush-only config does not change with polygon settings
+    brush_only = CONFIG.replace("PolygonLabels", "BrushLabels")
+    assert version(brush_only) == version(brush_only, polygon_tolerance=3.0, max_polygon_points=10)
+    assert version(brush_only) != version(brush_only, min_piece_area=64)
+
+
+def test_a_job_labels_with_its_own_outline_whatever_the_worker_environment(settings, engine):
+    from dataclasses import replace
+
+    from backend import jobs
+    from backend.runtime import Runtime
+
+    runtime = Runtime(settings, engine)
+    req = {"ontology": None, "thresholds": None}
+    service = jobs.backend_for(settings, runtime, None, CONFIG, req)
+    recorded = {**req, "outline": service.outline}  # what jobs.create stores in the job
+    worker_env = replace(settings, polygon_tolerance=4.0, max_polygon_points=50, mask_threshold=0.7)
+    worker = jobs.backend_for(worker_env, runtime, None, CONFIG, recorded)
+    assert worker.model_version == service.model_version
+    assert worker.outline == service.outline and worker.outline["tolerance"] == settings.polygon_tolerance
+    assert jobs.backend_for(worker_env, runtime, None, CONFIG, req).model_version != service.model_version
+
+
 def test_env_ontology_applies_when_setup_has_none(settings, stub):
     settings.ontology = '{"dog": "dog"}'
     client = create_app(settings, engine=stub).test_client()

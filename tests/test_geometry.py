@@ -120,6 +120,25 @@ def test_a_mask_in_thousands_of_fragments_stays_small():
     assert all(len(p) <= 300 + 8 * 3 for p in polys)  # the cap, plus three points per cut
 
 
+@pytest.mark.parametrize("start,end", [((0, 0), (639, 479)), ((639, 0), (0, 479)), ((0, 400), (639, 380)),
+                                       ((10, 0), (40, 479))])
+def test_thin_lines_at_any_angle_keep_their_shape_under_the_point_cap(start, end):
+    """A 3 px line (a cable, a crack, a road marking) has a staircase outline of thousands of corners: over
+    the cap, it is simplified only as far as the cap needs, not into a thin quadrilateral."""
+    import cv2
+
+    h, w = 480, 640
+    mask = np.zeros((h, w), np.uint8)
+    cv2.line(mask, start, end, 1, 3)
+    mask = mask.astype(bool)
+    exact = geometry.mask_to_polygons(mask, tolerance=0, max_points=10**6)
+    polys = geometry.mask_to_polygons(mask, max_points=1000)
+    assert sum(len(p) for p in polys) <= 1000
+    assert iou(polygons_mask(polys, w=w, h=h), mask) >= 0.98
+    if len(exact[0]) > 1000:  # the cap applied: it kept as many points as it could, not a handful
+        assert len(polys[0]) >= 300, len(polys[0])
+
+
 def test_empty_mask_gives_no_polygon():
     assert geometry.mask_to_polygons(np.zeros((H, W), bool)) == []
 

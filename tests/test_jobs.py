@@ -86,12 +86,12 @@ class Workers:
         self.tmp_path = tmp_path
         self.exe = str(Path(sys.executable).with_name("label-studio-sam3"))
 
-    def start(self, name):
+    def start(self, name, **env):
         log = self.tmp_path / f"{name}.log"
         self.logs[name] = log
         with open(log, "wb") as out:
             self.procs[name] = subprocess.Popen([self.exe, "worker", "--name", name], stdout=out,
-                                                stderr=subprocess.STDOUT, env=self.env)
+                                                stderr=subprocess.STDOUT, env={**self.env, **env})
 
     def terminate(self, name):
         self.procs[name].terminate()
@@ -485,26 +485,54 @@ def test_the_same_chunk_run_twice_at_once_posts_each_task_once(label_studio, eng
     assert_exactly_one(label_studio, task_ids, job["model_version"])
 
 
-def test_a_worker_paused_past_its_heartbeat_never_posts_twice(label_studio, engine, checkpoint, redis_db, workers):
+@pytest.mark.parametrize("wake", ["after the takeover finished", "while the takeover is mid-chunk"])
+def test_a_worker_paused_past_its_lease_never_posts_twice(label_studio, engine, checkpoint, redis_db, workers, wake):
+    """SIGSTOP a worker holding labelled, unposted tasks; another worker takes its chunk over; SIGCONT it once
+    the takeover has posted everything and released its claims, or while it is labelling. Repeated trials, each
+    its own model_version: never a second prediction."""
     url = label_studio[0]
-    pid, task_ids = make_project(label_studio, n=12)
-    with FaultProxy(url, delay=0.1) as proxy:
-        w = workers(proxy.url, SAM3_POST_BATCH="2")
-        w.start("sleeper")
-        client, job_id = rq_job(label_studio, engine, checkpoint, w, pid, chunk_size=6)
-        wait_job(client, job_id, until=lambda j: j["processed"] >= 2, timeout=120)
-        w.procs["sleeper"].send_signal(signal.SIGSTOP)  # alive, but silent: no heartbeat, no lease renewal
-        paused = client.get(f"/jobs/{job_id}").get_json()["processed"]
-        time.sleep(5)  # past its heartbeat (3 s): rq hands its chunk to another worker
-        w.start("rescuer")
-        wait_job(client, job_id, until=lambda j: j["processed"] > paused, timeout=120)
-        w.procs["sleeper"].send_signal(signal.SIGCONT)  # it wakes up in the middle of its chunk
-        job = wait_job(client, job_id, timeout=240)
-        time.sleep(2)  # the sleeper finishes whatever it had in hand
-    assert job["status"] == "succeeded", (job, w.log("sleeper"), w.log("rescuer"))
-    assert job["processed"] == 12 and job["predicted"] + job["skipped"] == 12 and job["failed"] == 0, job
-    assert job["workers"].get("rescuer", 0) > 0
-    assert_exactly_one(label_studio, task_ids, job["model_version"])
+    pid, task_ids = make_project(label_studio, n=6)
+    with FaultProxy(url, delay=0.25) as proxy:  # a chunk takes seconds: there is time to act in the middle
+        w = workers(proxy.url, SAM3_POST_BATCH="6")  # a chunk's predictions are posted together, at its end
+        for trial in range(2):
+            sleeper, rescuer = f"sleeper{trial}", f"rescuer{trial}"
+            w.start(sleeper, LOG_LEVEL="DEBUG")
+            _wait_workers(redis_db, 1, names=[sleeper])
+            thresholds = {**THRESHOLDS, "nms_iou": round(0.2 + trial / 100 + wake.startswith("while") / 10, 3)}
+            client, job_id = rq_job(label_studio, engine, checkpoint, w, pid, chunk_size=6, thresholds=thresholds)
+            deadline = time.time() + 120
+            while "labelled, 2 to post" not in w.logs[sleeper].read_text():  # two tasks in hand, unposted
+                assert time.time() < deadline, w.log(sleeper)
+                time.sleep(0.05)
+            w.procs[sleeper].send_signal(signal.SIGSTOP)  # alive, but silent: no heartbeat, no lease renewal
+            mv = client.get(f"/jobs/{job_id}").get_json()["model_version"]
+            assert all(not versions(ps, mv) for ps in predictions_by_task(label_studio, task_ids).values())
+            time.sleep(4)  # past its lease (3 s)
+            w.start(rescuer)  # rq hands the abandoned chunk to it
+            if wake.startswith("after"):
+                job = wait_job(client, job_id, timeout=240)
+                assert job["status"] == "succeeded", (job, w.log(rescuer))
+                assert_exactly_one(label_studio, task_ids, mv)
+            else:
+                claims = f"sam3:claim:{pid}:{mv}:*"
+                deadline = time.time() + 120
+                while not any(redis_db.get(k).startswith(rescuer.encode()) for k in redis_db.scan_iter(claims)
+                              if redis_db.get(k)):
+                    assert time.time() < deadline, w.log(rescuer)
+                    time.sleep(0.05)
+                assert client.get(f"/jobs/{job_id}").get_json()["status"] == "running"
+            w.procs[sleeper].send_signal(signal.SIGCONT)  # it wakes up with two labelled tasks in hand
+            job = wait_job(client, job_id, timeout=240)
+            deadline = time.time() + 60  # the sleeper finishes what it had in hand: its log says so
+            while "not posting them" not in w.logs[sleeper].read_text() and time.time() < deadline:
+                time.sleep(0.2)
+            assert "not posting them" in w.logs[sleeper].read_text(), w.log(sleeper)
+            assert job["status"] == "succeeded", (trial, job, w.log(sleeper), w.log(rescuer))
+            assert job["processed"] == 6 and job["failed"] == 0, (trial, job)
+            assert job["workers"].get(rescuer, 0) > 0, job
+            assert_exactly_one(label_studio, task_ids, mv)
+            w.terminate(sleeper)
+            w.terminate(rescuer)
 
 
 def test_workers_killed_at_random_points_never_post_twice(label_studio, engine, checkpoint, redis_db, workers):
@@ -625,6 +653,62 @@ def test_retrieve_predictions_ends_inside_label_studios_limit_and_a_job_labels_t
                 break
             time.sleep(1)
         time.sleep(2)  # nothing more arrives after that
+    finally:
+        server.shutdown()
+    assert_exactly_one(label_studio, task_ids, mv)
+
+
+def test_a_batch_answered_after_label_studio_gave_up_is_posted_not_lost(label_studio, engine, checkpoint,
+                                                                        monkeypatch):
+    """Label Studio's ML_TIMEOUT_PREDICT lowered (conftest: 10 s) and one 6000 x 4000 image that takes 14 s:
+    Retrieve Predictions gives up before the backend answers. The answered task is posted through the API, the
+    rest go to a job: every task ends with exactly one prediction."""
+    import threading
+
+    from PIL import Image
+    from werkzeug.serving import make_server
+
+    from conftest import ML_TIMEOUT_PREDICT
+
+    url, headers, _ = label_studio
+    pid, _ = make_project(label_studio, n=0)
+    big = png_bytes(Image.new("RGB", (6000, 4000), (90, 120, 60)))
+    for i in range(10):  # the large image first: Label Studio sends the tasks in id order
+        image = big if i == 0 else png_bytes(make_image(seed=900 + i))
+        r = requests.post(f"{url}/api/projects/{pid}/import", headers=headers,
+                          files={"file": (f"img{i}.png", image, "image/png")})
+        assert r.status_code == 201, r.text
+    tasks = requests.get(f"{url}/api/tasks", params={"project": pid, "page_size": 100}, headers=headers).json()
+    task_ids = sorted(t["id"] for t in tasks["tasks"])
+    real = engine.encode_many
+
+    def slow(images, keys=None):
+        if any(im.width > 3000 for im in images):
+            time.sleep(ML_TIMEOUT_PREDICT + 4)
+        return real(images, keys)
+
+    monkeypatch.setattr(engine, "encode_many", slow)
+    settings = Settings(model=checkpoint, device="cpu", predict_budget=ML_TIMEOUT_PREDICT / 2,
+                        predict_timeout=ML_TIMEOUT_PREDICT)
+    server = make_server("127.0.0.1", 0, create_app(settings, engine=engine), threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        backend = f"http://127.0.0.1:{server.server_port}"
+        r = requests.post(f"{url}/api/ml", headers=headers, json={"url": backend, "project": pid, "title": "slow",
+                                                                  "extra_params": {"thresholds": THRESHOLDS}})
+        assert r.status_code == 201, r.text
+        mv = r.json()["model_version"]
+        r = requests.post(f"{url}/api/dm/actions", params={"id": "retrieve_tasks_predictions", "project": pid},
+                          headers=headers, json={"selectedItems": {"all": True, "excluded": []}})
+        assert r.status_code == 200, r.text
+        assert not any(predictions_by_task(label_studio, task_ids).values())  # it gave up: stored nothing
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            preds = predictions_by_task(label_studio, task_ids)
+            if all(versions(ps, mv) for ps in preds.values()):
+                break
+            time.sleep(1)
+        time.sleep(3)  # nothing more arrives after that
     finally:
         server.shutdown()
     assert_exactly_one(label_studio, task_ids, mv)

@@ -133,17 +133,40 @@ def test_one_active_job_per_scope_and_the_lock_goes_with_the_job(store):
 
 
 def test_claims_give_a_task_to_one_owner_until_released_or_lapsed(store):
-    assert store.claim("7:mv", [1, 2, 3], "w1", lease=0.5) == {1, 2, 3}
-    assert store.claim("7:mv", [2, 3, 4], "w2", lease=0.5) == {4}  # 2 and 3 are w1's
-    assert store.claim("7:mv", [1, 2], "w1", lease=0.5) == {1, 2}  # renewed
-    assert store.claim("8:mv", [1], "w2", lease=0.5) == {1}  # another scope
-    store.release("7:mv", [1], "w2")  # not w2's: nothing happens
-    assert store.claim("7:mv", [1], "w2", lease=0.5) == set()
-    store.release("7:mv", [1], "w1")
-    assert store.claim("7:mv", [1], "w2", lease=0.5) == {1}
+    w1 = store.claim("7:mv", [1, 2, 3], "w1", lease=0.5)
+    assert set(w1) == {1, 2, 3}
+    assert set(store.claim("7:mv", [2, 3, 4], "w2", lease=0.5)) == {4}  # 2 and 3 are w1's
+    assert store.claim("7:mv", [1, 2], "w1", lease=0.5) == {1: w1[1], 2: w1[2]}  # renewed, same tokens
+    assert set(store.claim("8:mv", [1], "w2", lease=0.5)) == {1}  # another scope
+    store.release("7:mv", {1: w1[1]}, "w2")  # not w2's: nothing happens
+    assert store.claim("7:mv", [1], "w2", lease=0.5) == {}
+    store.release("7:mv", {1: w1[1]}, "w1")
+    assert set(store.claim("7:mv", [1], "w2", lease=0.5)) == {1}
     time.sleep(0.7)  # w1 went silent: its leases lapse
-    assert store.claim("7:mv", [2, 3], "w2", lease=5) == {2, 3}
-    assert store.claim("7:mv", [2, 3], "w1", lease=5) == set()
+    assert set(store.claim("7:mv", [2, 3], "w2", lease=5)) == {2, 3}
+    assert store.claim("7:mv", [2, 3], "w1", lease=5) == {}
+
+
+def test_a_claim_paused_past_its_lease_is_never_taken_back(store):
+    """The fencing token: whatever another runner did with the task meanwhile, the paused one cannot renew it."""
+    new(store, "j1", 1.0)
+    a = store.claim("7:mv", [1, 2, 3, 4], "a", lease=0.3)
+    time.sleep(0.4)  # a is paused past its lease
+    b = store.claim("7:mv", [1, 2, 3], "b", lease=5)  # b takes over 1, 2 and 3 (4 nobody takes)
+    assert set(b) == {1, 2, 3} and all(b[t] > a[t] for t in b)
+    store.finish("j1", "predicted", {1: 1}, "b")  # b posted 1 and released it
+    store.release("7:mv", {1: b[1]}, "b")
+    store.release("7:mv", {3: b[3]}, "b")  # b released 3 unfinished (it failed, or was skipped)
+    # a wakes up: 1 (finished, released), 2 (held by b), 3 (released by b): none is a's; 4 lapsed untouched: a's
+    assert store.renew("7:mv", a, "a", lease=5, job_id="j1") == {4}
+    assert store.renew("7:mv", {2: b[2]}, "b", lease=5, job_id="j1") == {2}  # b's own claim stands
+    # a fresh claim is a new token: a may label 3 again (nobody posted it), never 1 with the stale token
+    again = store.claim("7:mv", [3], "a", lease=5)
+    assert set(again) == {3} and again[3] > b[3]
+    assert store.renew("7:mv", {1: a[1]}, "a", lease=5, job_id="j1") == set()
+    # finished tasks are never renewed, even by the claim's holder
+    store.finish("j1", "predicted", {2: 1}, "b")
+    assert store.renew("7:mv", {2: b[2]}, "b", lease=5, job_id="j1") == set()
 
 
 def test_first_time_is_true_once(store):
