@@ -25,8 +25,9 @@ USER app
 VOLUME ["/data/huggingface"]
 EXPOSE 9090
 
-# Healthy once the model is loaded; the first start downloads the weights (~3.3 GB in fp32).
-HEALTHCHECK --interval=30s --timeout=10s --start-period=30m --retries=3 CMD ["label-studio-sam3", "health"]
+# Healthy once the model is loaded (`serve`), or once a worker reports its model loaded and Redis reachable
+# (`worker`: `health` reads its report); the first start downloads the weights (~3.4 GB in fp32).
+HEALTHCHECK --interval=15s --timeout=10s --start-period=30m --retries=3 CMD ["label-studio-sam3", "health"]
 
 ENTRYPOINT ["label-studio-sam3"]
 CMD ["serve"]

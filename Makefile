@@ -7,7 +7,7 @@ PORT ?= 9090
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test install label-studio-venv browser bench constraints
+.PHONY: run test docker-test install label-studio-venv browser bench constraints
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,12 @@ run: install
 
 test: install label-studio-venv browser
 	LS_VENV=$(LS_VENV) $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# The image and the compose stack, built and run as people run them (needs root for dockerd and the stand-ins).
+docker-test: install
+	$(SUDO) tests/docker/host.sh
+	$(SUDO) tests/docker/standins.sh
+	$(SUDO) env PATH="$$PATH" $(VENV)/bin/python -m pytest -m docker tests/test_docker.py $(PYTEST_ARGS)
 
 # Pins for the Docker image, from the environment the tests passed in (the base image brings torch and CUDA).
 constraints: install

@@ -95,6 +95,11 @@ def build_checkpoint(out_dir: str | os.PathLike, *, tiny: bool = True, seed: int
     size = config.detector_config.vision_config.image_size
     image_processor = Sam3ImageProcessor(size={"height": size, "width": size})
     Sam3Processor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
+    # Readable by every user: a checkpoint built here is mounted into containers that run as another uid.
+    out.chmod(0o755)
+    for f in out.iterdir():
+        if f.is_file():
+            f.chmod(0o644)
     return out
 
 

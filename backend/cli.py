@@ -68,7 +68,19 @@ def _port_in_use(host: str, port: int) -> str:
 
 
 def _health(args) -> int:
-    """Exit 0 when the service answers and its model is loaded (the container HEALTHCHECK)."""
+    """Exit 0 when this container's role is healthy (its HEALTHCHECK): `serve` answers with its model loaded;
+    a `worker` reports its model loaded and Redis reachable. Without --serve or --worker, a worker's report in
+    this container makes it a worker."""
+    from .dispatch import HEALTH_FILE, read_health
+
+    if args.worker or (not args.serve and HEALTH_FILE.exists()):
+        ok, why = read_health()
+        print(why, file=sys.stdout if ok else sys.stderr)
+        return 0 if ok else 1
+    return _serve_health(args)
+
+
+def _serve_health(args) -> int:
     import requests
 
     settings = _settings()
@@ -78,8 +90,10 @@ def _health(args) -> int:
     except (requests.RequestException, ValueError) as e:
         print(f"unhealthy: {type(e).__name__}", file=sys.stderr)
         return 1
-    print(f"{data.get('model_state')}: {data.get('model')} on {data.get('device')}")
-    return 0 if data.get("model_state") == "ready" else 1
+    state = data.get("model_state")
+    print(f"{state}: {data.get('model')} on {data.get('device')}" + (f": {data.get('error')}" if data.get("error")
+                                                                       else ""))
+    return 0 if state == "ready" else 1
 
 
 def _predict(args) -> int:
@@ -320,13 +334,18 @@ def _worker(args) -> int:
         return 2
     dispatch.redis_store(settings).r.ping()  # before minutes of model loading: a wrong REDIS_URL fails now
     os.environ.setdefault("SAM3_ENCODE_BATCH", "4")  # no clicks wait on a worker: batch images per forward
-    ctx = dispatch.worker_context()  # loads the model now, before any job is taken
-    if ctx.runtime.state != "ready":
-        print(f"error: {ctx.runtime.error}", file=sys.stderr)
-        return 1
-    worker = dispatch.make_worker(settings, ctx.store.r, name=args.name)
-    ctx.heartbeat, ctx.worker = worker.beat, worker.name
-    worker.work(burst=args.burst, logging_level=settings.log_level)
+    ctx = dispatch.worker_context(load=False)
+    report = dispatch.HealthReport(ctx.runtime, ctx.store.r).start()  # `health` reads "loading" meanwhile
+    try:
+        ctx.runtime.load()  # the model loads now, before any job is taken
+        if ctx.runtime.state != "ready":
+            print(f"error: SAM 3 model {settings.model!r} failed to load: {ctx.runtime.error}", file=sys.stderr)
+            return 1
+        worker = dispatch.make_worker(settings, ctx.store.r, name=args.name)
+        ctx.heartbeat, ctx.worker = worker.beat, worker.name
+        worker.work(burst=args.burst, logging_level=settings.log_level)
+    finally:
+        report.stop()
     return 0
 
 
@@ -381,8 +400,12 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--name")
     worker.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     worker.set_defaults(func=_worker)
-    health = sub.add_parser("health", help="exit 0 when the local service is up with its model loaded")
+    health = sub.add_parser("health", help="exit 0 when this container's service or worker is healthy")
     health.add_argument("--port", type=int, default=int(os.environ.get("PORT", "9090")))
+    role = health.add_mutually_exclusive_group()
+    role.add_argument("--serve", action="store_true", help="the service: answers /health with its model loaded")
+    role.add_argument("--worker", action="store_true",
+                      help="the worker: its model loaded and Redis reachable (from its own report)")
     health.set_defaults(func=_health)
     return parser
 

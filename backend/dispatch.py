@@ -7,9 +7,14 @@ heartbeat): tasks are claimed in the store, and finished chunks are a set (`back
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 import queue
+import tempfile
 import threading
+import time
+from pathlib import Path
 
 from . import jobs, labelstudio, runner
 from .config import Settings
@@ -52,13 +57,15 @@ class EmbeddedRunner:
 _context: jobs.Context | None = None
 
 
-def worker_context() -> jobs.Context:
+def worker_context(load: bool = True) -> jobs.Context:
     """This worker process's context: the model loads once, on first use (or by `worker`)."""
     global _context
     if _context is None:
         settings = Settings.from_env()
         api = labelstudio.api_for(settings, labelstudio.connect(settings))
-        _context = jobs.Context(settings, Runtime(settings).load(), redis_store(settings), api)
+        _context = jobs.Context(settings, Runtime(settings), redis_store(settings), api)
+    if load and _context.runtime.state != "ready":
+        _context.runtime.load()
     return _context
 
 
@@ -118,3 +125,66 @@ def make_worker(settings: Settings, redis, name: str | None = None):
     worker = Worker([settings.queue], connection=redis, name=name, worker_ttl=max(60, settings.job_heartbeat),
                     maintenance_interval=max(1, settings.job_heartbeat // 2))
     return worker
+
+
+# ---- a worker's health, for its container -------------------------------------------------------
+HEALTH_FILE = Path(tempfile.gettempdir()) / "label-studio-sam3-worker.json"
+HEALTH_EVERY = 10.0  # seconds between reports; a report older than 3 of these means the worker is stuck or gone
+
+
+class HealthReport:
+    """A worker's state where `label-studio-sam3 health --worker` reads it: its model's state and whether it
+    reaches Redis, written every HEALTH_EVERY seconds by a side thread (a worker serves no HTTP to probe)."""
+
+    def __init__(self, runtime: Runtime, redis, path: Path = HEALTH_FILE):
+        self.runtime, self.redis, self.path = runtime, redis, path
+        self._stop = threading.Event()
+
+    def start(self) -> "HealthReport":
+        self.write()
+        threading.Thread(target=self._run, name="sam3-health", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        try:
+            self.path.unlink()
+        except OSError:
+            pass
+
+    def _run(self) -> None:
+        while not self._stop.wait(HEALTH_EVERY):
+            self.write()
+
+    def write(self) -> None:
+        try:
+            self.redis.ping()
+            redis = "ok"
+        except Exception as e:  # reported, not raised: the worker itself retries
+            redis = f"{type(e).__name__}: {e}"[:300]
+        report = {"pid": os.getpid(), "at": time.time(), "model_state": self.runtime.state,
+                  "model_error": self.runtime.error or None, "redis": redis}
+        try:
+            tmp = self.path.with_name(self.path.name + f".{os.getpid()}")
+            tmp.write_text(json.dumps(report))
+            tmp.replace(self.path)  # whole or not at all: the reader never sees half a report
+        except OSError as e:
+            log.warning("cannot write the health report %s: %s", self.path, e)
+
+
+def read_health(path: Path = HEALTH_FILE) -> tuple[bool, str]:
+    """(healthy, why) from a worker's report: fresh, its model loaded, Redis reachable."""
+    try:
+        report = json.loads(path.read_text())
+    except FileNotFoundError:
+        return False, "no worker health report here (is `label-studio-sam3 worker` running in this container?)"
+    except (OSError, ValueError) as e:
+        return False, f"unreadable health report {path}: {e}"
+    age = time.time() - float(report.get("at") or 0)
+    if age > 3 * HEALTH_EVERY:
+        return False, f"the worker's last report is {age:.0f} s old: it is stuck or gone"
+    if report.get("redis") != "ok":
+        return False, f"the worker cannot reach Redis: {report.get('redis')}"
+    if report.get("model_state") != "ready":
+        return False, f"model {report.get('model_state')}: {report.get('model_error') or 'loading'}"
+    return True, "ready: connected to Redis, model loaded"

@@ -136,11 +136,26 @@ def image_key(image: Image.Image) -> str:
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device DEVICE names, or a BackendError that says why it cannot be used and what to set instead."""
     if name in ("", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"DEVICE={name} but CUDA is not available on this machine")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise BackendError(f"DEVICE={name} is not a device: auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch build has no CUDA" if torch.version.cuda is None
+                   else "no NVIDIA GPU or driver is visible to this process")
+            raise BackendError(f"DEVICE={name}, but CUDA is not available ({why}): set DEVICE=auto or DEVICE=cpu, "
+                               "or give the container the GPU (docker compose -f docker-compose.yml -f "
+                               "docker-compose.gpu.yml, with the NVIDIA container toolkit)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise BackendError(f"DEVICE={name}, but this process sees {torch.cuda.device_count()} GPU(s): "
+                               f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif device.type != "cpu":
+        raise BackendError(f"DEVICE={name}: only auto, cpu, cuda and cuda:N are supported")
+    return device
 
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -165,7 +180,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.bfloat16 if cpu_has_bf16() else torch.float32
     if name not in DTYPES:
-        raise SystemExit(f"SAM3_DTYPE={name}: one of auto, float32, bfloat16, float16")
+        raise BackendError(f"SAM3_DTYPE={name}: one of auto, float32, bfloat16, float16")
     return DTYPES[name]
 
 

@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import torch
+
 from . import metrics
 from .config import Settings
 from .engine import Sam3Engine
@@ -93,16 +95,67 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def _user() -> str:
+    try:
+        import pwd
+
+        return f"uid {os.getuid()} ({pwd.getpwuid(os.getuid()).pw_name})"
+    except (ImportError, KeyError, AttributeError):
+        return f"uid {os.getuid()}" if hasattr(os, "getuid") else "this user"
+
+
+def check_folder(model: str) -> None:
+    """A local checkpoint folder this process can read, or a BackendError naming what is missing or unreadable.
+
+    Checked before transformers looks: it reports a file it may not read as "no such file", which sends people
+    looking for a file that is there (a checkpoint written 0600 by another user, mounted into a container)."""
+    folder = Path(os.path.expanduser(model))
+    fix = f"make it readable (chmod -R a+rX {folder}) or run as its owner"
+    try:
+        folder.stat()
+    except PermissionError:  # a folder above it may not be entered
+        raise BackendError(f"SAM3_MODEL={model}: permission denied: {_user()} cannot reach it (a folder on its "
+                           f"path is not readable); {fix}") from None
+    except OSError:
+        raise BackendError(f"SAM3_MODEL={model}: no such folder (a SAM 3 checkpoint folder holds config.json, "
+                           "model.safetensors and the processor files)") from None
+    if not folder.is_dir():
+        raise BackendError(f"SAM3_MODEL={model}: not a folder (a SAM 3 checkpoint is a folder holding config.json, "
+                           "model.safetensors and the processor files)")
+    if not os.access(folder, os.R_OK | os.X_OK):
+        raise BackendError(f"SAM3_MODEL={model}: permission denied: the folder cannot be read by {_user()}; {fix}")
+    if not (folder / "config.json").is_file():
+        raise BackendError(f"SAM3_MODEL={model}: no config.json in that folder (a SAM 3 checkpoint folder holds "
+                           "config.json, model.safetensors and the processor files)")
+    if not any(f for pattern in WEIGHTS for f in folder.glob(pattern)):
+        raise BackendError(f"SAM3_MODEL={model}: no weights in that folder (model.safetensors, or *.bin)")
+    for f in sorted(folder.iterdir()):
+        if f.is_file() and not os.access(f, os.R_OK):
+            raise BackendError(f"SAM3_MODEL={model}: permission denied: {f} cannot be read by {_user()} "
+                               f"(mode {f.stat().st_mode & 0o777:o}); {fix}")
+
+
+def explain(e: BaseException, settings: Settings) -> str:
+    """A load failure as one line that says what to do."""
+    if isinstance(e, PermissionError):
+        return (f"permission denied: {e.filename or e} cannot be read by {_user()}; make it readable "
+                "(chmod -R a+rX on the folder) or run as its owner")
+    oom = getattr(torch, "OutOfMemoryError", ())
+    if isinstance(e, MemoryError) or (oom and isinstance(e, oom)):
+        return (f"out of memory loading the model on {settings.device} ({type(e).__name__}): free memory, use "
+                "SAM3_DTYPE=bfloat16 (half the memory of float32), or a device with more memory (the weights "
+                "take about 1.7 GB in bf16, 3.4 GB in fp32)")
+    if isinstance(e, FileNotFoundError):
+        return f"missing file: {e.filename or e}"
+    return f"{type(e).__name__}: {str(e)[:500]}"
+
+
 def load_engine(settings: Settings) -> Sam3Engine:
     """The engine, or a BackendError that says what to do: a missing folder, an unreachable or gated hub."""
     model = settings.model
     engine = Sam3Engine(model, settings.device, int(settings.cache_mb * (1 << 20)), settings.dtype)
     if _looks_like_path(model):
-        folder = Path(os.path.expanduser(model))
-        if not (folder / "config.json").is_file():
-            what = "no config.json in that folder" if folder.is_dir() else "no such folder"
-            raise BackendError(f"SAM3_MODEL={model}: {what} (a SAM 3 checkpoint folder holds config.json, "
-                               "model.safetensors and the processor files)")
+        check_folder(model)
         return engine.load()
     try:
         return engine.load(local_files_only=True)  # already downloaded: no network at all
@@ -160,23 +213,35 @@ class Runtime:
             threading.Thread(target=self._load_until_loaded, name="sam3-load", daemon=True).start()
 
     def _load_until_loaded(self) -> None:
-        delay = self.RETRY[0]
+        delay, said = self.RETRY[0], ""
         while not self.load().state == "ready":
             self.retry_at = time.time() + delay
-            log.error("loading %s failed; next attempt in %.0f s: %s", self.settings.model, delay, self.error)
+            if self.error != said:  # once per reason, loudly; the same reason again only quietly
+                log.error("SAM 3 model %s failed to load: %s. /health reports it; the next attempt is in %.0f s "
+                          "(then ever less often, up to every %.0f s)", self.settings.model, self.error, delay,
+                          self.RETRY[1])
+                said = self.error
+            else:
+                log.info("SAM 3 model %s still fails to load (same reason); next attempt in %.0f s",
+                         self.settings.model, delay)
             time.sleep(delay)
             delay = min(delay * 2, self.RETRY[1])
             self.state = "loading"
 
     def load(self) -> "Runtime":
-        """One attempt, in this thread (the CLI); a failure is kept for /health and predict, not raised."""
+        """One attempt, in this thread (the CLI); a failure is kept for /health and predict, not raised.
+
+        Any failure counts, not only exceptions (a SystemExit raised by a library inside the loader thread would
+        otherwise end the thread silently and leave /health saying "loading" forever)."""
         try:
             self._loaded(load_engine(self.settings))
         except BackendError as e:
             self.state, self.error = "failed", e.message
-        except Exception as e:  # reported by /health and by every predict
-            log.exception("loading %s failed", self.settings.model)
-            self.state, self.error = "failed", f"{type(e).__name__}: {e}"
+        except BaseException as e:  # reported by /health and by every predict
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            log.debug("loading %s failed", self.settings.model, exc_info=True)
+            self.state, self.error = "failed", explain(e, self.settings)
         finally:
             if self.state != "loading":
                 self._ready.set()

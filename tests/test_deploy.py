@@ -33,6 +33,11 @@ def compose():
     return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 
 
+@pytest.fixture(scope="module")
+def gpu():
+    return yaml.safe_load((ROOT / "docker-compose.gpu.yml").read_text())
+
+
 def dockerfile_instruction(name: str) -> list[str]:
     """The JSON (exec) form of a Dockerfile instruction, e.g. ENTRYPOINT or CMD."""
     text = (ROOT / "Dockerfile").read_text()
@@ -55,6 +60,7 @@ def substitute(value: str) -> str:
 
 def test_compose_services_reference_the_dockerfile_and_each_other(compose):
     services = compose["services"]
+    assert "name" not in compose  # Compose 1.29 rejects a top-level name
     assert {"label-studio", "redis", "backend", "worker"} <= set(services)
     for name in ("backend", "worker"):
         svc = services[name]
@@ -64,15 +70,19 @@ def test_compose_services_reference_the_dockerfile_and_each_other(compose):
         env = svc["environment"]
         assert env["LABEL_STUDIO_URL"] == "http://label-studio:8080"
         assert env["REDIS_URL"].startswith("redis://redis:6379")
-        gpu = svc["deploy"]["resources"]["reservations"]["devices"][0]
-        assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
-        for volume in svc["volumes"]:
+        assert "deploy" not in svc  # the default file runs on a machine without a GPU: the GPU is an overlay
+        named = [v for v in svc["volumes"] if not v.startswith("${")]
+        for volume in named:
             assert volume.split(":")[0] in compose["volumes"]
-        assert any(v.endswith(":/data/huggingface") for v in svc["volumes"])  # weights download once
+        assert any(v.endswith(":/data/huggingface") for v in named)  # weights download once
+        assert "${SAM3_MODELS_DIR:-./models}:/models:ro" in svc["volumes"]  # local checkpoints, read-only
+        assert svc["healthcheck"]["test"] == ["CMD", "label-studio-sam3", "health",
+                                              "--serve" if name == "backend" else "--worker"]
+    assert (ROOT / "models" / "README.md").exists()  # the default SAM3_MODELS_DIR, documented
     assert services["backend"]["command"] == dockerfile_instruction("CMD") == ["serve"]
     assert services["worker"]["command"] == ["worker"]
     assert "ports" not in services["worker"]  # so `--scale worker=N` works
-    assert services["backend"]["ports"] == ["127.0.0.1:9090:9090"]  # published on this machine only
+    assert services["backend"]["ports"] == ["127.0.0.1:${BACKEND_PORT:-9090}:9090"]  # this machine only
     ls = services["label-studio"]
     assert ls["image"].startswith("heartexlabs/label-studio:")
     assert ls["environment"]["USE_DEFAULT_BANNED_SUBNETS"] == "false"
@@ -81,6 +91,16 @@ def test_compose_services_reference_the_dockerfile_and_each_other(compose):
     for svc in services.values():
         for dep in svc.get("depends_on", []):
             assert dep in services
+
+
+def test_the_gpu_overlay_reserves_gpus_and_its_extra_worker_is_the_same_worker(compose, gpu):
+    for name in ("backend", "worker", "worker-gpu1"):
+        [device] = gpu["services"][name]["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"] and device["device_ids"]
+    extra, worker = gpu["services"]["worker-gpu1"], compose["services"]["worker"]
+    assert extra["profiles"] == ["gpu1"]
+    for key in ("image", "command", "environment", "volumes", "healthcheck", "depends_on", "restart"):
+        assert extra[key] == worker[key], key
 
 
 def test_every_variable_compose_sets_is_read_by_the_code(compose, monkeypatch):
@@ -107,7 +127,7 @@ def test_every_variable_compose_sets_is_read_by_the_code(compose, monkeypatch):
 
 
 def test_env_example_and_compose_name_the_same_variables(compose):
-    text = (ROOT / "docker-compose.yml").read_text()
+    text = (ROOT / "docker-compose.yml").read_text() + (ROOT / "docker-compose.gpu.yml").read_text()
     used = set(re.findall(r"\$\{(\w+)", text))
     example = {line.split("=", 1)[0] for line in (ROOT / ".env.example").read_text().splitlines()
                if line and not line.startswith("#")}
@@ -241,3 +261,117 @@ def test_readme_label_configs_are_valid_for_the_backend(checkpoint):
         assert config.outputs and config.labels
         backend = SAM3Backend(label_config=xml, settings=settings, runtime=runtime)
         assert backend.ontology
+
+
+# ---- start-up failures are loud -------------------------------------------------------------------
+def test_a_cuda_device_on_a_machine_without_one_fails_health_with_the_fix(checkpoint):
+    """Not "loading" forever: the reason is in /health and the worker exits saying it."""
+    import torch
+
+    from backend.protocol import create_app
+
+    assert not torch.cuda.is_available()  # CI's machine; the point is a machine like it
+    app = create_app(Settings(model=checkpoint, device="cuda"))
+    client = app.test_client()
+    deadline = time.time() + 60
+    while client.get("/health").get_json()["model_state"] == "loading" and time.time() < deadline:
+        time.sleep(0.2)
+    body = client.get("/health")
+    assert body.status_code == 503 and body.get_json()["model_state"] == "failed"
+    assert "DEVICE=cuda, but CUDA is not available" in body.get_json()["error"]
+    assert "DEVICE=auto or DEVICE=cpu" in body.get_json()["error"]
+    env = {**os.environ, "SAM3_MODEL": checkpoint, "DEVICE": "cuda", "REDIS_URL": REDIS_URL,
+           "LABEL_STUDIO_URL": "http://127.0.0.1:9", "LABEL_STUDIO_API_KEY": "x" * 40}
+    run = subprocess.run([EXE, "worker"], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and "CUDA is not available" in run.stderr, run.stderr[-2000:]
+    bad = subprocess.run([EXE, "worker"], env={**env, "DEVICE": "gpu"}, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "configuration error: DEVICE=gpu is not a device" in bad.stderr
+
+
+def test_failures_are_logged_once_with_the_reason_not_once_per_retry(checkpoint, caplog, monkeypatch):
+    import logging
+
+    from backend.runtime import Runtime
+
+    monkeypatch.setattr(Runtime, "RETRY", (0.05, 0.1))
+    runtime = Runtime(Settings(model=checkpoint, device="cuda"))
+    with caplog.at_level(logging.INFO, logger="backend.runtime"):
+        runtime.start_loading()
+        time.sleep(1.0)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "CUDA is not available" in errors[0].getMessage()
+    assert sum("still fails" in r.getMessage() for r in caplog.records) >= 3  # retried, quietly
+
+
+def test_a_checkpoint_the_user_cannot_read_is_permission_denied_with_the_uid(tmp_path, checkpoint):
+    """Checked as an unprivileged user: root reads any file, the container's uid 1000 does not."""
+    import shutil
+    import tempfile
+
+    home = Path(tempfile.mkdtemp(prefix="sam3-perm-", dir="/tmp"))  # a path every user may walk
+    home.chmod(0o755)
+    folder = home / "sam3"
+    shutil.copytree(checkpoint, folder)
+    (folder / "model.safetensors").chmod(0o600)
+    code = ("import sys; from backend.runtime import check_folder; from backend.errors import BackendError\n"
+            f"try: check_folder({str(folder)!r})\nexcept BackendError as e: print(e.message); sys.exit(1)")
+    argv = [sys.executable, "-c", code]
+    if os.getuid() == 0:
+        argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *argv]
+    else:
+        (folder / "model.safetensors").chmod(0o000)
+    run = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "permission denied" in run.stdout and "model.safetensors" in run.stdout
+    assert f"uid {65534 if os.getuid() == 0 else os.getuid()}" in run.stdout and "chmod -R a+rX" in run.stdout
+    from backend.errors import BackendError
+    from backend.runtime import check_folder
+
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(BackendError, match="no weights in that folder"):
+        check_folder(str(folder))
+    with pytest.raises(BackendError, match="no such folder"):
+        check_folder(str(tmp_path / "nowhere"))
+    shutil.rmtree(home)
+
+
+def test_checkpoints_written_here_are_readable_by_every_user(checkpoint):
+    for f in Path(checkpoint).iterdir():
+        assert f.stat().st_mode & 0o444 == 0o444, f
+    assert Path(checkpoint).stat().st_mode & 0o555 == 0o555
+
+
+def test_a_workers_health_says_redis_and_model(tmp_path, monkeypatch, checkpoint):
+    from backend import dispatch
+    from backend.runtime import Runtime
+
+    path = tmp_path / "worker.json"
+    runtime = Runtime(Settings(model=checkpoint, device="cpu"))
+    redis = Redis.from_url(REDIS_URL)
+    report = dispatch.HealthReport(runtime, redis, path)
+    assert dispatch.read_health(path)[0] is False  # no report: not healthy
+    report.write()
+    ok, why = dispatch.read_health(path)
+    assert not ok and why.startswith("model loading")
+    runtime.load()
+    report.write()
+    assert dispatch.read_health(path) == (True, "ready: connected to Redis, model loaded")
+    dispatch.HealthReport(runtime, Redis(port=free_port(), socket_connect_timeout=1), path).write()
+    ok, why = dispatch.read_health(path)
+    assert not ok and "cannot reach Redis" in why
+    report.write()
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps({**data, "at": data["at"] - 3600}))
+    ok, why = dispatch.read_health(path)
+    assert not ok and "stuck or gone" in why
+
+
+def test_health_without_a_role_is_the_workers_where_a_worker_reports(tmp_path, monkeypatch, checkpoint):
+    """The image has one HEALTHCHECK for both commands: in a worker's container it reads the worker's report."""
+    env = {**os.environ, "TMPDIR": str(tmp_path), "PORT": str(free_port())}
+    run = subprocess.run([EXE, "health"], env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1 and "unhealthy" in run.stderr  # no worker here: the service, which is not running
+    (tmp_path / "label-studio-sam3-worker.json").write_text(json.dumps(
+        {"pid": 1, "at": time.time(), "model_state": "ready", "model_error": None, "redis": "ok"}))
+    run = subprocess.run([EXE, "health"], env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and "ready: connected to Redis, model loaded" in run.stdout

@@ -4,6 +4,7 @@ import torch
 from transformers import Sam3TrackerModel
 
 from backend.engine import Encoding, EncodingCache, Sam3Engine
+from backend.errors import BackendError
 from conftest import make_image
 
 
@@ -166,7 +167,7 @@ def test_auto_dtype_is_bf16_where_the_cpu_has_it_and_can_be_forced(monkeypatch):
     assert engine_module.resolve_dtype("auto", cpu) == torch.float32
     assert engine_module.resolve_dtype("bfloat16", cpu) == torch.bfloat16  # SAM3_DTYPE forces either
     assert engine_module.resolve_dtype("float32", cpu) == torch.float32
-    with pytest.raises(SystemExit, match="SAM3_DTYPE"):
+    with pytest.raises(BackendError, match="SAM3_DTYPE"):
         engine_module.resolve_dtype("int8", cpu)
 
 
