@@ -7,7 +7,7 @@ PORT ?= 9090
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test docker-test install label-studio-venv browser bench constraints
+.PHONY: run test test-fast docker-test install label-studio-venv browser bench constraints
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ run: install
 
 test: install label-studio-venv browser
 	LS_VENV=$(LS_VENV) $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# Every test that needs no Label Studio, Redis, browser or Docker: the inner loop while changing code.
+test-fast: install
+	$(VENV)/bin/python -m pytest -n 2 --dist loadfile -m "not e2e and not redis and not browser and not docker" $(PYTEST_ARGS)
 
 # The image and the compose stack, built and run as people run them (needs root for dockerd and the stand-ins).
 docker-test: install

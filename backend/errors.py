@@ -1,4 +1,4 @@
-"""Errors that reach the user as HTTP 4xx with a JSON message."""
+"""Errors that reach the user as HTTP 4xx with a JSON message, and the one that is no error at all."""
 
 
 class BackendError(Exception):
@@ -18,3 +18,7 @@ class ImageError(BackendError):
     """The task's image could not be fetched or decoded."""
 
     status = 422
+
+
+class Skip(Exception):
+    """The task needs no prediction (annotated, or already predicted by this model_version)."""

@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import CONFIG, data_uri, keypoint, make_image  # noqa: E402
 
 from backend.config import Settings  # noqa: E402
-from backend.engine import Sam3Engine  # noqa: E402
-from backend.protocol import create_app  # noqa: E402
+from backend.http.app import create_app  # noqa: E402
+from backend.sam3.engine import Sam3Engine  # noqa: E402
 
 
 def main() -> None:

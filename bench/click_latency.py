@@ -21,8 +21,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from backend.config import Settings  # noqa: E402
-from backend.engine import Sam3Engine  # noqa: E402
-from backend.protocol import create_app  # noqa: E402
+from backend.http.app import create_app  # noqa: E402
+from backend.sam3.engine import Sam3Engine  # noqa: E402
 from bench.common import add_checkpoint_args, checkpoint_path  # noqa: E402
 from bench.pipeline import serve_images  # noqa: E402
 

@@ -5,7 +5,7 @@ import argparse
 import tempfile
 import time
 
-from backend.checkpoints import build_checkpoint
+from backend.sam3.checkpoints import build_checkpoint
 
 
 def add_checkpoint_args(ap: argparse.ArgumentParser) -> None:

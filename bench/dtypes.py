@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import make_image  # noqa: E402
 
-from backend.engine import Sam3Engine, _prompt_key, cpu_has_bf16  # noqa: E402
+from backend.sam3.engine import Sam3Engine, _prompt_key, cpu_has_bf16  # noqa: E402
 
 
 def prompts(rng, w, h, n):

@@ -20,10 +20,11 @@ import torch
 from PIL import Image
 from pipeline import forward_seconds
 
-from backend import jobs, labelstudio, runner
 from backend.config import Settings
-from backend.runtime import Runtime
-from backend.store import MemoryStore
+from backend.jobs import lifecycle, runner
+from backend.jobs.store import MemoryStore
+from backend.labelstudio import client
+from backend.sam3.model import Sam3Model
 
 CONFIG = ('<View><Image name="image" value="$image"/><PolygonLabels name="poly" toName="image">'
           '<Label value="cat"/><Label value="dog"/></PolygonLabels></View>')
@@ -55,19 +56,19 @@ def main() -> None:
 
     settings = Settings(model=args.checkpoint, device=args.device, label_studio_url=args.ls_url,
                         label_studio_api_key=args.token)
-    runtime = Runtime(settings).load()
-    store, api = MemoryStore(), labelstudio.api_for(settings, labelstudio.connect(settings))
-    job = jobs.create(store, api, settings, runtime, {"project": pid, "thresholds": {"confidence": args.confidence,
-                                                                                     "max_detections": 5}})
-    ctx = jobs.Context(settings, runtime, store, api)
+    sam3 = Sam3Model(settings).load()
+    store, api = MemoryStore(), client.api(settings)
+    job = lifecycle.create(store, api, settings, sam3, {"project": pid, "thresholds": {
+        "confidence": args.confidence, "max_detections": 5}})
+    ctx = lifecycle.Context(settings, sam3, store, api)
     f0, t0 = forward_seconds(), time.perf_counter()
-    stages = [runner.run_chunk(ctx, job["id"], i, chunk) for i, chunk in enumerate(runner.plan(ctx, job["id"]))]
+    stages = [runner.run_chunk(ctx, job.id, i, chunk) for i, chunk in enumerate(runner.plan(ctx, job.id))]
     total, forward = time.perf_counter() - t0, forward_seconds() - f0
-    split = {k: sum(getattr(s, k) for s in stages) for k in ("fetch", "encode", "decode", "post", "regions", "upload")}
-    job = store.get(job["id"])
-    n = job["processed"]
-    print(f"{n} tasks {w}x{h} on {runtime.engine.device}, Label Studio at {args.ls_url}, torch {torch.__version__}")
-    print(f"job {job['status']}: {job['predicted']} predicted, {job['regions_added']} regions, {job['failed']} failed")
+    split = {k: sum(getattr(s, k) for s in stages) for k in ("fetch", "encode", "decode", "select", "regions", "upload")}
+    job = store.get(job.id)
+    n = job.processed
+    print(f"{n} tasks {w}x{h} on {sam3.engine.device}, Label Studio at {args.ls_url}, torch {torch.__version__}")
+    print(f"job {job.status.value}: {job.predicted} predicted, {job.regions_added} regions, {job.failed} failed")
     print(f"throughput: {n / total:.2f} tasks/s ({total:.1f} s)")
     print("stages (s): " + " | ".join(f"{k} {v:.2f}" for k, v in split.items()))
     machinery = split["fetch"] + split["upload"]

@@ -23,9 +23,12 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from backend import metrics  # noqa: E402
+from backend.annotate.labeller import Labeller  # noqa: E402
+from backend.annotate.project import Project  # noqa: E402
+from backend.annotate.task import Task  # noqa: E402
 from backend.config import Settings  # noqa: E402
-from backend.engine import Sam3Engine  # noqa: E402
-from backend.model import Runtime, SAM3Backend  # noqa: E402
+from backend.sam3.engine import Sam3Engine  # noqa: E402
+from backend.sam3.model import Sam3Model  # noqa: E402
 
 LABELS = ["car", "person", "dog", "cat", "bicycle", "tree", "house", "bird"]
 
@@ -79,28 +82,27 @@ def main() -> None:
     settings = Settings(model=args.checkpoint, device=args.device, allow_private_urls=True)  # a local image server
     engine = Sam3Engine(args.checkpoint, device=args.device).load()
     thresholds = {"confidence": args.confidence} if args.confidence is not None else None
-    model = SAM3Backend(label_config=xml, settings=settings, extra_params={"thresholds": thresholds},
-                        runtime=Runtime(settings, engine))
-    tasks = [{"id": i, "data": {"image": f"{base}/img{i}.jpg"}} for i in range(args.images)]
+    project = Project(settings, Sam3Model(settings, engine), xml, {"thresholds": thresholds})
+    tasks = [Task(i, {"image": f"{base}/img{i}.jpg"}) for i in range(args.images)]
 
-    labeler = model.auto_labeler(engine)
+    labeller = Labeller(project, engine)
     f0 = forward_seconds()
     t0 = time.perf_counter()
     serialise, regions = 0.0, 0
-    for _task, _images, pred, error in model.label_tasks(labeler, tasks, model.load_task_image):
-        assert error is None, error
+    for out in labeller.label(tasks):
+        assert out.error is None, out.error
         t1 = time.perf_counter()
-        json.dumps(pred)
+        json.dumps(out.prediction)
         serialise += time.perf_counter() - t1
-        regions += len(pred["result"])
+        regions += len(out.prediction["result"])
     total = time.perf_counter() - t0
     forward = forward_seconds() - f0
-    st = labeler.stages
+    st = labeller.stages
     print(f"{args.images} images {w}x{h} x {args.prompts} prompts on {engine.device} ({engine.dtype}), "
           f"image server latency {args.latency_ms:.0f} ms, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"throughput: {args.images / total:.3f} images/s ({total:.1f} s total, {regions} regions)")
     print(f"stages (s): fetch-wait {st.fetch:.2f} | encode {st.encode:.2f} | decode {st.decode:.2f} | "
-          f"post-process {st.post:.2f} | regions+JSON {st.regions + serialise:.2f}")
+          f"select {st.select:.2f} | regions+JSON {st.regions + serialise:.2f}")
     print(f"model forward {forward:.1f} s; pipeline overhead {100 * (total - forward) / forward:.1f}% of model time")
     httpd.shutdown()
 

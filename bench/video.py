@@ -22,10 +22,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from backend.autolabel import Entry, Thresholds  # noqa: E402
-from backend.engine import Sam3Engine  # noqa: E402
-from backend.tracking import Timing  # noqa: E402
-from backend.video import VideoFile  # noqa: E402
+from backend.labelstudio.video import VideoFile  # noqa: E402
+from backend.sam3.engine import Sam3Engine  # noqa: E402
+from backend.sam3.tracking import (
+    Concept,  # noqa: E402
+    Timing,  # noqa: E402
+)
 from bench.common import add_checkpoint_args, checkpoint_path  # noqa: E402
 
 
@@ -71,8 +73,7 @@ def main() -> None:
         write_video(f.name, args.frames, args.fps, w, h)
         data = Path(f.name).read_bytes()
     # the random model scores detections ~0.25: a zero threshold gives it objects to track
-    thresholds = Thresholds(confidence=0.0, max_detections=args.max_objects)
-    entries = [Entry("red ball", "ball"), Entry("green box", "box")]
+    concepts = [Concept("red ball", "ball", 0.0), Concept("green box", "box", 0.0)]
     timing, readings = Timing(), []
     start_rss = rss_mb()
 
@@ -82,8 +83,9 @@ def main() -> None:
 
     with VideoFile(data, args.fps) as video:
         t = time.perf_counter()
-        tracks = engine.video.track(video.frames(), (video.info.width, video.info.height), entries, thresholds,
-                                    min_frames=1, window=args.window, on_window=on_window, timing=timing)
+        tracks = engine.video.track(video.frames(), (video.info.width, video.info.height), concepts,
+                                    max_objects=args.max_objects, min_frames=1, window=args.window,
+                                    on_window=on_window, timing=timing)
         wall = time.perf_counter() - t
     per = timing.per_frame()
     print(f"{args.frames} frames {w}x{h}: {args.frames / wall:.2f} frames/s "

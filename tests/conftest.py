@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+import torch
 from PIL import Image
 
-from backend.checkpoints import build_checkpoint
 from backend.config import Settings
-from backend.engine import Sam3Engine
+from backend.sam3.checkpoints import build_checkpoint
+from backend.sam3.engine import Sam3Engine
 
 LS_VENV = Path(os.environ.get("LS_VENV", Path.home() / ".cache/label-studio-sam3/ls-1.23.2"))
 # Label Studio's limit for a /predict answer, lowered from its 100 s so that a test can run past it in seconds
@@ -34,6 +35,21 @@ CONFIG = """<View>
     <Label value="cat" predicted_values="kitty,feline"/><Label value="dog"/>
   </PolygonLabels>
 </View>"""
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # make test-fast: one torch thread per worker, no oversubscribed cores
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(items):
+    """Tiers: a test that uses the real Label Studio is e2e (make test-fast leaves e2e, redis, browser and
+    docker tests out; make test runs all but docker, which make docker-test runs)."""
+    for item in items:
+        if {"label_studio", "personal_access_token"} & set(item.fixturenames):
+            item.add_marker(pytest.mark.e2e)
+        if "redis_db" in item.fixturenames:
+            item.add_marker(pytest.mark.redis)
 
 
 @pytest.fixture(scope="session")

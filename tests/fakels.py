@@ -19,8 +19,8 @@ import json
 import threading
 from collections import Counter
 
-from backend.outbound import Reply, parse_url
-from backend.retry import Transient
+from backend.labelstudio.outbound import Reply, parse_url
+from backend.labelstudio.retry import Transient
 
 
 class FakeLabelStudio:

@@ -3,13 +3,15 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-
-from backend.autolabel import AutoLabeler, Entry, Thresholds, parse_ontology
-from backend.detections import Detections
-from backend.errors import BackendError
-from backend.labelconfig import LabelConfig
-from backend.protocol import create_app
 from conftest import CONFIG, data_uri, make_image
+
+from backend.annotate.autolabel import AutoLabeler
+from backend.annotate.labelconfig import LabelConfig
+from backend.annotate.ontology import Entry, Thresholds, parse_ontology
+from backend.annotate.task import Task
+from backend.errors import BackendError
+from backend.http.app import create_app
+from backend.sam3.detections import Detections
 
 W, H = 64, 48
 yy, xx = np.mgrid[:H, :W]
@@ -184,17 +186,17 @@ def test_model_version_changes_with_what_changes_the_output_and_only_with_that(s
     """"Skip tasks that have this version" must not skip a task predicted before a brush was added."""
     from dataclasses import replace
 
-    from backend.model import SAM3Backend
-    from backend.runtime import Runtime
+    from backend.annotate.backend import SAM3Backend
+    from backend.sam3.model import Sam3Model
 
-    runtime = Runtime(settings, engine)
+    sam3 = Sam3Model(settings, engine)
     brush = CONFIG.replace("</View>", '<BrushLabels name="mask" toName="image"><Label value="cat"/>'
                                       '<Label value="dog"/></BrushLabels></View>')
     boxes = CONFIG.replace("PolygonLabels", "RectangleLabels").replace('name="rect" toName="image" smart="true"',
                                                                        'name="rect2" toName="image" smart="true"')
 
     def version(config=CONFIG, **changes):
-        return SAM3Backend(label_config=config, settings=replace(settings, **changes), runtime=runtime).model_version
+        return SAM3Backend(label_config=config, settings=replace(settings, **changes), sam3=sam3).model_version
 
     base = version()
     changed = {
@@ -221,18 +223,18 @@ def test_model_version_changes_with_what_changes_the_output_and_only_with_that(s
 def test_a_job_labels_with_its_own_outline_whatever_the_worker_environment(settings, engine):
     from dataclasses import replace
 
-    from backend import jobs
-    from backend.runtime import Runtime
+    from backend.jobs.lifecycle import project_for
+    from backend.jobs.record import JobRequest
+    from backend.sam3.model import Sam3Model
 
-    runtime = Runtime(settings, engine)
-    req = {"ontology": None, "thresholds": None}
-    service = jobs.backend_for(settings, runtime, None, CONFIG, req)
-    recorded = {**req, "outline": service.outline}  # what jobs.create stores in the job
+    sam3 = Sam3Model(settings, engine)
+    service = project_for(settings, sam3, None, CONFIG, JobRequest())
+    recorded = JobRequest(**service.job_request())  # what lifecycle.create stores in the job
     worker_env = replace(settings, polygon_tolerance=4.0, max_polygon_points=50, mask_threshold=0.7)
-    worker = jobs.backend_for(worker_env, runtime, None, CONFIG, recorded)
+    worker = project_for(worker_env, sam3, None, CONFIG, recorded)
     assert worker.model_version == service.model_version
-    assert worker.outline == service.outline and worker.outline["tolerance"] == settings.polygon_tolerance
-    assert jobs.backend_for(worker_env, runtime, None, CONFIG, req).model_version != service.model_version
+    assert worker.outline == service.outline and worker.outline.tolerance == settings.polygon_tolerance
+    assert project_for(worker_env, sam3, None, CONFIG, JobRequest()).model_version != service.model_version
 
 
 def test_env_ontology_applies_when_setup_has_none(settings, stub):
@@ -314,7 +316,7 @@ def test_extra_params_that_are_not_an_object_are_refused_at_setup(settings, engi
     assert r.status_code == 400 and "extra_params must be a JSON object" in r.get_json()["error"]
 
 
-DOCUMENTED = [  # the README's forms, with this config's labels
+DOCUMENTED = [  # the forms docs/pre-annotation.md shows, with this config's labels
     ({"kitten": "cat", "puppy": "dog"}, [Entry("kitten", "cat"), Entry("puppy", "dog")]),
     (["cat", "dog"], [Entry("cat", "cat"), Entry("dog", "dog")]),
     ([{"prompt": "puppy", "label": "dog", "threshold": 0.6}], [Entry("puppy", "dog", 0.6)]),
@@ -326,10 +328,10 @@ def test_every_documented_ontology_form_works_in_extra_params_and_the_environmen
                                                                                  entries):
     import json
 
-    from backend.model import SAM3Backend
-    from backend.runtime import Runtime
+    from backend.annotate.backend import SAM3Backend
+    from backend.sam3.model import Sam3Model
 
-    runtime = Runtime(settings, engine)
+    sam3 = Sam3Model(settings, engine)
     wrapped = {"ontology": ontology, "thresholds": {"confidence": 0.3}}
     seen = []
     for env, extra in [("", wrapped), ("", json.dumps(wrapped)),  # an object (API), JSON text (Connect Model form)
@@ -339,10 +341,10 @@ def test_every_documented_ontology_form_works_in_extra_params_and_the_environmen
         r = client.post("/setup", json={"project": "9.1", "schema": CONFIG, "extra_params": extra})
         assert r.status_code == 200, (env, extra, r.get_json())
         model = client.application.config["projects"].get("9", "")
-        assert model.ontology == entries, (env, extra)
-        seen.append(model.thresholds.confidence)
+        assert model.project.ontology == entries, (env, extra)
+        seen.append(model.project.thresholds.confidence)
     assert seen == [0.3, 0.3, 0.3, 0.5]  # the wrapped forms carry their thresholds; the bare one has none
-    assert SAM3Backend(label_config=CONFIG, settings=settings, runtime=runtime).ontology == entries
+    assert SAM3Backend(label_config=CONFIG, settings=settings, sam3=sam3).project.ontology == entries
 
 
 def test_unknown_extra_params_are_named(settings, engine):
@@ -362,14 +364,15 @@ def test_a_batch_stops_at_its_budget_and_hands_the_rest_on(settings, stub, monke
 
     monkeypatch.setattr(stub, "encode_many", slow)
     settings.predict_budget = 1.0
-    from backend.model import SAM3Backend
-    from backend.runtime import Runtime
+    from backend.annotate.backend import SAM3Backend
+    from backend.sam3.model import Sam3Model
 
-    model = SAM3Backend(label_config=CONFIG, settings=settings, runtime=Runtime(settings, stub))
+    model = SAM3Backend(label_config=CONFIG, settings=settings, sam3=Sam3Model(settings, stub))
     tasks = [{"id": i, "data": {"image": data_uri(make_image(seed=400 + i))}} for i in range(8)]
     handed = []
     t0 = _time.perf_counter()
-    answers = model.predict(tasks, handoff=lambda rest: handed.append([t["id"] for t in rest]) or "job42")
+    answers = model.predict([Task.from_json(t) for t in tasks],
+                            handoff=lambda rest: handed.append([t.id for t in rest]) or "job42")
     took = _time.perf_counter() - t0
     assert took < 2.0 and len(answers) == 8  # one answer per task, in order, within the budget
     done = sum("result" in a for a in answers)

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 import requests
-from PIL import Image, ImageDraw
-
 from browser import Browser
 from conftest import png_bytes, serve
+from PIL import Image, ImageDraw
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 ROOT = Path(__file__).resolve().parents[1]
-README_CONFIG = re.findall(r"```xml\n(.*?)```", (ROOT / "README.md").read_text(), re.S)[0]  # the polygon config
+DOCS_CONFIGS = re.findall(r"```xml\n(.*?)```", (ROOT / "docs/connecting.md").read_text(), re.S)
+README_CONFIG = DOCS_CONFIGS[0]  # the polygon config people paste first
 ADMIN = ("admin@example.com", "e2e-Passw0rd")  # the label_studio fixture's admin
 # Typed into the form as a person types it (Label Studio sends it to /setup as a JSON string). The tiny random
 # model scores every instance about 0.25: a zero threshold lets the typed prompt find some.
@@ -164,7 +164,7 @@ def test_label_studio_draws_and_edits_a_polygon_with_a_hole(label_studio, browse
 
     import numpy as np
 
-    from backend import geometry
+    from backend.annotate import geometry
 
     url, headers, _ = label_studio
     image, mask = donut()
@@ -218,7 +218,7 @@ def test_label_studio_draws_and_edits_a_polygon_with_a_hole(label_studio, browse
     assert b.wait(drawn_with_its_hole, what="the hole still unfilled after the edit")
 
 
-EXEMPLAR_CONFIG = re.findall(r"```xml\n(.*?)```", (ROOT / "README.md").read_text(), re.S)[3]  # "like this box"
+EXEMPLAR_CONFIG = next(c for c in DOCS_CONFIGS if 'exemplars="true"' in c)  # "like this box"
 
 
 def test_a_box_drawn_as_an_exemplar_finds_every_instance_like_it(label_studio, backend, browser):
@@ -255,9 +255,10 @@ def test_label_studio_shows_the_video_tracks_a_job_stored(label_studio, browser,
     labelled, over the player's frames."""
     import time
 
-    from backend.config import Settings
-    from backend.protocol import create_app
     from test_video import EXTRA, VIDEO_CONFIG, make_video
+
+    from backend.config import Settings
+    from backend.http.app import create_app
 
     url, headers, token = label_studio
     r = requests.post(f"{url}/api/projects", headers=headers,

@@ -14,14 +14,15 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
+from conftest import free_port
 from redis import Redis
 
-from backend import cli, serving
+from backend import cli
+from backend.annotate.backend import SAM3Backend
+from backend.annotate.labelconfig import LabelConfig
 from backend.config import Settings
-from backend.labelconfig import LabelConfig
-from backend.model import SAM3Backend
-from backend.runtime import Runtime
-from conftest import free_port
+from backend.http import gunicorn
+from backend.sam3.model import Sam3Model
 
 ROOT = Path(__file__).resolve().parents[1]
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
@@ -166,6 +167,7 @@ def assert_serving(url, last_check):
     assert requests.get(url + "/jobs", auth=("ls", "secret")).json()["total"] >= 0  # jobs go to Redis
 
 
+@pytest.mark.redis  # a real Redis on 127.0.0.1:6379
 def test_the_images_serve_command_and_healthcheck_work(compose, checkpoint, tmp_path):
     port = free_port()
     env = service_env(compose, "backend", SAM3_MODEL=checkpoint, DEVICE="cpu", PORT=str(port),
@@ -182,10 +184,11 @@ def test_the_images_serve_command_and_healthcheck_work(compose, checkpoint, tmp_
 
     log = run_until_ready(compose["services"]["backend"]["command"], env, tmp_path / "serve.log", healthy,
                           during=lambda: assert_serving(url, checks[-1]))
-    assert "Using worker: backend.serving.GuardedThreadWorker" in log
+    assert "Using worker: backend.http.gunicorn.GuardedThreadWorker" in log
     assert log.count("Booting worker") == 1  # one process holds the model
 
 
+@pytest.mark.redis  # a real Redis on 127.0.0.1:6379
 def test_the_images_worker_command_starts_an_rq_worker(compose, checkpoint, tmp_path):
     from rq import Worker
 
@@ -212,15 +215,6 @@ def test_commands_refuse_a_configuration_that_leaks_or_skips_auth(checkpoint, co
     assert run.returncode == 2 and f"configuration error: {words}" in run.stderr, run.stderr[-2000:]
 
 
-def test_serving_on_every_interface_without_auth_warns(checkpoint, tmp_path):
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "BASIC_AUTH_"))}
-    env.update(SAM3_MODEL=checkpoint, DEVICE="cpu", PORT=str(port))
-    log = run_until_ready(["serve", "--host", "0.0.0.0"], env, tmp_path / "serve.log",
-                          lambda: _answers(f"http://127.0.0.1:{port}/health"))
-    assert "serving on 0.0.0.0 without authentication" in log and "BASIC_AUTH_USER" in log
-
-
 def _answers(url) -> bool:
     try:
         return requests.get(url, timeout=2).status_code == 200
@@ -239,15 +233,16 @@ def test_the_worker_refuses_to_start_without_redis_or_label_studio(checkpoint):
 
 def test_serving_options_suit_one_gpu():
     args = cli.build_parser().parse_args(["serve"])
-    opts = serving.gunicorn_options(args, Settings())
+    opts = gunicorn.gunicorn_options(args, Settings())
     assert opts["workers"] == 1 and opts["preload_app"] is False  # one process; CUDA never forked
-    assert opts["worker_class"] == "backend.serving.GuardedThreadWorker" and opts["threads"] >= 32
+    assert opts["worker_class"] == "backend.http.gunicorn.GuardedThreadWorker" and opts["threads"] >= 32
     assert opts["control_socket_disable"] is True
     assert opts["timeout"] >= 600 and opts["graceful_timeout"] >= 60
 
 
 def readme_configs() -> list[str]:
-    text = (ROOT / "README.md").read_text()
+    """The label configs the README and the docs show people."""
+    text = "".join(p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
     return re.findall(r"```xml\n(.*?)```", text, re.S)
 
 
@@ -255,20 +250,21 @@ def test_readme_label_configs_are_valid_for_the_backend(checkpoint):
     configs = readme_configs()
     assert len(configs) >= 3
     settings = Settings(model=checkpoint, device="cpu")
-    runtime = Runtime(settings)
+    sam3 = Sam3Model(settings)
     for xml in configs:
         config = LabelConfig.parse(xml)  # the code that serves them
         assert config.outputs and config.labels
-        backend = SAM3Backend(label_config=xml, settings=settings, runtime=runtime)
-        assert backend.ontology
+        backend = SAM3Backend(label_config=xml, settings=settings, sam3=sam3)
+        assert backend.project.ontology
 
 
 # ---- start-up failures are loud -------------------------------------------------------------------
+@pytest.mark.redis  # a real Redis on 127.0.0.1:6379
 def test_a_cuda_device_on_a_machine_without_one_fails_health_with_the_fix(checkpoint):
     """Not "loading" forever: the reason is in /health and the worker exits saying it."""
     import torch
 
-    from backend.protocol import create_app
+    from backend.http.app import create_app
 
     assert not torch.cuda.is_available()  # CI's machine; the point is a machine like it
     app = create_app(Settings(model=checkpoint, device="cuda"))
@@ -291,12 +287,12 @@ def test_a_cuda_device_on_a_machine_without_one_fails_health_with_the_fix(checkp
 def test_failures_are_logged_once_with_the_reason_not_once_per_retry(checkpoint, caplog, monkeypatch):
     import logging
 
-    from backend.runtime import Runtime
+    from backend.sam3.model import Sam3Model
 
-    monkeypatch.setattr(Runtime, "RETRY", (0.05, 0.1))
-    runtime = Runtime(Settings(model=checkpoint, device="cuda"))
-    with caplog.at_level(logging.INFO, logger="backend.runtime"):
-        runtime.start_loading()
+    monkeypatch.setattr(Sam3Model, "RETRY", (0.05, 0.1))
+    sam3 = Sam3Model(Settings(model=checkpoint, device="cuda"))
+    with caplog.at_level(logging.INFO, logger="backend.sam3.model"):
+        sam3.start_loading()
         time.sleep(1.0)
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "CUDA is not available" in errors[0].getMessage()
@@ -313,7 +309,7 @@ def test_a_checkpoint_the_user_cannot_read_is_permission_denied_with_the_uid(tmp
     folder = home / "sam3"
     shutil.copytree(checkpoint, folder)
     (folder / "model.safetensors").chmod(0o600)
-    code = ("import sys; from backend.runtime import check_folder; from backend.errors import BackendError\n"
+    code = ("import sys; from backend.sam3.model import check_folder; from backend.errors import BackendError\n"
             f"try: check_folder({str(folder)!r})\nexcept BackendError as e: print(e.message); sys.exit(1)")
     argv = [sys.executable, "-c", code]
     if os.getuid() == 0:
@@ -325,7 +321,7 @@ def test_a_checkpoint_the_user_cannot_read_is_permission_denied_with_the_uid(tmp
     assert "permission denied" in run.stdout and "model.safetensors" in run.stdout
     assert f"uid {65534 if os.getuid() == 0 else os.getuid()}" in run.stdout and "chmod -R a+rX" in run.stdout
     from backend.errors import BackendError
-    from backend.runtime import check_folder
+    from backend.sam3.model import check_folder
 
     (folder / "model.safetensors").unlink()
     with pytest.raises(BackendError, match="no weights in that folder"):
@@ -341,22 +337,23 @@ def test_checkpoints_written_here_are_readable_by_every_user(checkpoint):
     assert Path(checkpoint).stat().st_mode & 0o555 == 0o555
 
 
+@pytest.mark.redis  # a real Redis on 127.0.0.1:6379
 def test_a_workers_health_says_redis_and_model(tmp_path, monkeypatch, checkpoint):
-    from backend import dispatch
-    from backend.runtime import Runtime
+    from backend.jobs import health as dispatch
+    from backend.sam3.model import Sam3Model
 
     path = tmp_path / "worker.json"
-    runtime = Runtime(Settings(model=checkpoint, device="cpu"))
+    sam3 = Sam3Model(Settings(model=checkpoint, device="cpu"))
     redis = Redis.from_url(REDIS_URL)
-    report = dispatch.HealthReport(runtime, redis, path)
+    report = dispatch.HealthReport(sam3, redis, path)
     assert dispatch.read_health(path)[0] is False  # no report: not healthy
     report.write()
     ok, why = dispatch.read_health(path)
     assert not ok and why.startswith("model loading")
-    runtime.load()
+    sam3.load()
     report.write()
     assert dispatch.read_health(path) == (True, "ready: connected to Redis, model loaded")
-    dispatch.HealthReport(runtime, Redis(port=free_port(), socket_connect_timeout=1), path).write()
+    dispatch.HealthReport(sam3, Redis(port=free_port(), socket_connect_timeout=1), path).write()
     ok, why = dispatch.read_health(path)
     assert not ok and "cannot reach Redis" in why
     report.write()

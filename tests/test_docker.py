@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import requests
-
-from backend.checkpoints import build_checkpoint
 from conftest import free_port, make_image, png_bytes
+
+from backend.sam3.checkpoints import build_checkpoint
 
 pytestmark = pytest.mark.docker
 ROOT = Path(__file__).resolve().parents[1]

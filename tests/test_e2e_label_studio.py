@@ -3,7 +3,6 @@ import re
 
 import pytest
 import requests
-
 from conftest import CONFIG, keypoint, make_image, png_bytes, serve
 
 pytestmark = pytest.mark.e2e

@@ -1,11 +1,11 @@
 import numpy as np
 import pytest
 import torch
+from conftest import make_image
 from transformers import Sam3TrackerModel
 
-from backend.engine import Encoding, EncodingCache, Sam3Engine
 from backend.errors import BackendError
-from conftest import make_image
+from backend.sam3.engine import Encoding, EncodingCache, Sam3Engine
 
 
 def test_checkpoint_loads_both_heads_from_one_folder(engine, checkpoint):
@@ -61,10 +61,28 @@ def test_warm_clicks_do_not_run_the_vit(checkpoint):
 
 
 def test_single_click_picks_best_of_three_masks_and_box_gives_one_object(engine):
+    """The engine's answer to one click is the one of SAM's three masks with the highest predicted IoU, checked
+    against the tracker asked directly, on clicks where that best one is not simply the first."""
+    from backend.sam3.engine import upsample
+
     enc = engine.encode(make_image(seed=7))
-    mask, score = engine.segment(enc, [(20, 20)], [1])
-    assert mask.shape == (48, 64) and mask.dtype == bool
-    assert 0.0 <= score <= 1.0
+    checked = 0
+    for x, y in [(20, 20), (5, 40), (60, 5), (33, 24), (10, 10), (50, 30), (2, 2), (62, 46)]:
+        inputs = engine.tracker_processor(images=None, input_points=[[[[float(x), float(y)]]]], input_labels=[[[1]]],
+                                          original_sizes=[[48, 64]], return_tensors="pt")
+        with torch.inference_mode():
+            out = engine.tracker(image_embeddings=enc.tracker, input_points=inputs["input_points"],
+                                 input_labels=inputs["input_labels"], multimask_output=True)
+        iou = out.iou_scores[0, 0].float()
+        assert iou.shape == (3,)
+        best = int(iou.argmax())
+        candidates = upsample(out.pred_masks[0, 0].float(), 48, 64, 0.5)
+        if best == 0 or np.array_equal(candidates[best], candidates[0]):
+            continue  # a click where the first mask would do as well: no test of the choice
+        mask, score = engine.segment(enc, [(x, y)], [1])
+        assert np.array_equal(mask, candidates[best]) and score == pytest.approx(float(iou[best].clamp(0, 1)))
+        checked += 1
+    assert checked >= 1  # at least one click where picking the first mask would have been wrong
     box_mask, _ = engine.segment(enc, [(20, 20)], [1], box=(5, 5, 40, 40))
     assert box_mask.shape == (48, 64)
 
@@ -107,7 +125,7 @@ def test_a_waiting_click_goes_before_waiting_bulk_work():
     import threading
     import time
 
-    from backend.engine import PriorityLock
+    from backend.sam3.engine import PriorityLock
 
     lock, order = PriorityLock(), []
     holding = threading.Event()
@@ -158,7 +176,7 @@ def test_a_click_that_extends_the_last_prompt_starts_from_its_mask(engine, monke
 
 
 def test_auto_dtype_is_bf16_where_the_cpu_has_it_and_can_be_forced(monkeypatch):
-    from backend import engine as engine_module
+    from backend.sam3 import engine as engine_module
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(engine_module, "cpu_has_bf16", lambda: True)

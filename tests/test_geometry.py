@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
+from helpers import iou, rasterize
 from label_studio_sdk.converter.brush import decode_rle
 
-from backend import geometry
-from helpers import iou, rasterize
+from backend.annotate import geometry
 
 H, W = 150, 200
 yy, xx = np.mgrid[:H, :W]

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import requests
-
 from conftest import CONFIG, data_uri, free_port, keypoint, make_image, rectangle, text, wait_http
 from peers import Trickle
 
@@ -40,7 +39,8 @@ def served(checkpoint, trickle, tmp_path_factory):
                SAM3_FETCH_TIMEOUT=str(FETCH_TIMEOUT), SAM3_ALLOWED_HOSTS=f"127.0.0.1:{trickle.port}",
                SAM3_MAX_BODY_MB="1")
     with open(log, "wb") as out:
-        proc = subprocess.Popen([EXE, "serve", "--host", "127.0.0.1", "--port", str(port)], stdout=out,
+        # every interface, no auth: as people start it by mistake (it must say so)
+        proc = subprocess.Popen([EXE, "serve", "--host", "0.0.0.0", "--port", str(port)], stdout=out,
                                 stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -50,7 +50,12 @@ def served(checkpoint, trickle, tmp_path_factory):
         yield url, port, log, proc
     finally:
         proc.terminate()
-        proc.wait(30)
+        assert proc.wait(30) == 0  # a graceful stop on SIGTERM
+
+
+def test_serving_on_every_interface_without_auth_warns(served):
+    log = served[2].read_text()
+    assert "serving on 0.0.0.0 without authentication" in log and "BASIC_AUTH_USER" in log
 
 
 WARM = data_uri(make_image(seed=4242))
@@ -227,12 +232,12 @@ def _check(status_code: int, content_type: str, what) -> None:
 
 
 def test_fuzzed_bodies_never_get_a_5xx_in_process(settings, engine):
-    from backend.protocol import create_app
+    from backend.http.app import create_app
 
     settings.fetch_timeout, settings.fetch_retries = 2, 1
     client = create_app(settings, engine=engine).test_client()
     deadline, count, statuses = time.monotonic() + 90, 0, {}
-    for route, body in _bodies(seed=20261123, n=3000):
+    for route, body in _bodies(seed=20261123, n=1200):
         r = client.post(route, data=body, content_type="application/json")
         _check(r.status_code, r.content_type, (route, body[:300], r.get_data()[:300]))
         statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
@@ -244,7 +249,7 @@ def test_fuzzed_bodies_never_get_a_5xx_in_process(settings, engine):
         r = client.get(path)
         _check(r.status_code, r.content_type, path)
         _check(client.delete(path).status_code, "application/json", path)
-    assert count >= 1500, count  # the bound is on time; this many must fit in it
+    assert count >= 1200, count  # the bound is on time; this many must fit in it
     assert statuses.get(200, 0) > 50 and sum(v for k, v in statuses.items() if 400 <= k < 500) > 500, statuses
     assert client.get("/health").status_code == 200
 

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import requests
+from conftest import make_image, png_bytes
+from faultproxy import FaultProxy
 from redis import Redis
 
 from backend.config import Settings
-from backend.protocol import create_app
-from conftest import make_image, png_bytes
-from faultproxy import FaultProxy
+from backend.http.app import create_app
 
 pytestmark = pytest.mark.e2e
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
@@ -459,9 +459,10 @@ def test_the_same_chunk_run_twice_at_once_posts_each_task_once(label_studio, eng
     """What rq does when it thinks a live worker died: a second run of its chunk, beside the first."""
     import threading
 
-    from backend import jobs, labelstudio, runner
-    from backend.runtime import Runtime
-    from backend.store import RedisStore
+    from backend.jobs import lifecycle, runner
+    from backend.jobs.redis_store import RedisStore
+    from backend.labelstudio import client
+    from backend.sam3.model import Sam3Model
 
     url, _, token = label_studio
     pid, task_ids = make_project(label_studio, n=8)
@@ -469,20 +470,20 @@ def test_the_same_chunk_run_twice_at_once_posts_each_task_once(label_studio, eng
         settings = Settings(model=checkpoint, device="cpu", label_studio_url=proxy.url, label_studio_api_key=token,
                             post_batch=2, job_heartbeat=3)
         store = RedisStore(Redis.from_url(REDIS_URL))
-        api = labelstudio.api_for(settings, labelstudio.connect(settings))
-        runtime = Runtime(settings, engine)
-        job = jobs.create(store, api, settings, runtime, {"project": pid, "thresholds": THRESHOLDS})
-        [chunk] = runner.plan(jobs.Context(settings, runtime, store, api, worker="planner"), job["id"])
+        api = client.api(settings)
+        sam3 = Sam3Model(settings, engine)
+        job = lifecycle.create(store, api, settings, sam3, {"project": pid, "thresholds": THRESHOLDS})
+        [chunk] = runner.plan(lifecycle.Context(settings, sam3, store, api, worker="planner"), job.id)
         runs = [threading.Thread(target=runner.run_chunk, args=(
-            jobs.Context(settings, runtime, store, api, worker=f"run{i}"), job["id"], 0, chunk)) for i in range(2)]
+            lifecycle.Context(settings, sam3, store, api, worker=f"run{i}"), job.id, 0, chunk)) for i in range(2)]
         for t in runs:
             t.start()
         for t in runs:
             t.join(300)
-    job = store.get(job["id"])
-    assert job["status"] == "succeeded" and job["chunks_done"] == 1, job
-    assert (job["processed"], job["predicted"]) == (8, 8) and sum(job["workers"].values()) == 8, job
-    assert_exactly_one(label_studio, task_ids, job["model_version"])
+    job = store.get(job.id)
+    assert job.status == "succeeded" and job.chunks_done == 1, job
+    assert (job.processed, job.predicted) == (8, 8) and sum(job.workers.values()) == 8, job
+    assert_exactly_one(label_studio, task_ids, job.model_version)
 
 
 @pytest.mark.parametrize("wake", ["after the takeover finished", "while the takeover is mid-chunk"])
@@ -665,10 +666,9 @@ def test_a_batch_answered_after_label_studio_gave_up_is_posted_not_lost(label_st
     rest go to a job: every task ends with exactly one prediction."""
     import threading
 
+    from conftest import ML_TIMEOUT_PREDICT
     from PIL import Image
     from werkzeug.serving import make_server
-
-    from conftest import ML_TIMEOUT_PREDICT
 
     url, headers, _ = label_studio
     pid, _ = make_project(label_studio, n=0)

@@ -1,8 +1,8 @@
 import pytest
-
-from backend.errors import BackendError
-from backend.labelconfig import LabelConfig
 from conftest import CONFIG
+
+from backend.annotate.labelconfig import LabelConfig
+from backend.errors import BackendError
 
 
 def test_outputs_prompts_and_image_key():

@@ -1,9 +1,9 @@
 import pytest
-
-from backend.errors import BackendError
-from backend.labelconfig import LabelConfig
-from backend.prompts import parse_context
 from conftest import CONFIG, keypoint, rectangle, text
+
+from backend.annotate.labelconfig import LabelConfig
+from backend.annotate.prompts import parse_context
+from backend.errors import BackendError
 
 CFG = LabelConfig.parse(CONFIG)
 

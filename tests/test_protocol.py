@@ -7,15 +7,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from conftest import CONFIG, data_uri, keypoint, make_image, png_bytes, rectangle, text
+from helpers import iou, rasterize
+from imageserver import ImageServer
 from label_studio_sdk.converter.brush import decode_rle
 from PIL import Image
 
 from backend.config import Settings
-from backend.detections import Detections
-from backend.protocol import create_app
-from conftest import CONFIG, data_uri, keypoint, make_image, png_bytes, rectangle, text
-from helpers import iou, rasterize
-from imageserver import ImageServer
+from backend.http.app import create_app
+from backend.sam3.detections import Detections
 
 W, H = 64, 48
 yy, xx = np.mgrid[:H, :W]
@@ -44,14 +44,14 @@ def test_health_reports_model_device_source_and_version(client, settings):
 def test_a_model_that_cannot_load_is_unhealthy_says_why_and_is_retried(settings, checkpoint, tmp_path, monkeypatch):
     import shutil
 
-    from backend.runtime import Runtime
+    from backend.sam3.model import Sam3Model
 
-    monkeypatch.setattr(Runtime, "RETRY", (0.3, 0.3))
+    monkeypatch.setattr(Sam3Model, "RETRY", (0.3, 0.3))
     folder = tmp_path / "sam3"
     app = create_app(Settings(model=str(folder), device="cpu"))
     c = app.test_client()
     deadline = time.time() + 30
-    while app.config["runtime"].state != "failed" and time.time() < deadline:
+    while app.config["sam3"].state != "failed" and time.time() < deadline:
         time.sleep(0.05)
     health = c.get("/health")
     assert health.status_code == 503  # Label Studio and the container health check see it unhealthy
@@ -72,7 +72,7 @@ def test_a_model_that_cannot_load_is_unhealthy_says_why_and_is_retried(settings,
 def test_the_weights_content_is_in_the_model_version(checkpoint, tmp_path):
     import shutil
 
-    from backend.runtime import checkpoint_fingerprint
+    from backend.sam3.model import checkpoint_fingerprint
 
     copy = tmp_path / "copy"
     shutil.copytree(checkpoint, copy)
@@ -395,7 +395,7 @@ def test_auth_off_by_default(client):
 
 
 def test_16_bit_images_are_scaled_by_their_range_not_clipped(settings, engine):
-    from backend.images import ImageLoader
+    from backend.labelstudio.media import ImageLoader
 
     ramp = (np.arange(64 * 48).reshape(48, 64) * 4095 // (64 * 48 - 1)).astype(np.uint16)  # 12-bit data
     img16 = Image.fromarray(ramp)  # uint16 data: mode I;16

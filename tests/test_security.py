@@ -11,18 +11,19 @@ import time
 import zlib
 
 import pytest
-
-from backend import jobs
-from backend.config import Settings
-from backend.errors import BackendError
-from backend.images import FETCH_FAILED
-from backend.outbound import Policy, Refused, is_public, parse_url
-from backend.protocol import create_app
-from backend.retry import Backoff, retry_after
-from backend.store import MemoryStore
 from conftest import CONFIG, data_uri, keypoint, make_image, png_bytes, rectangle, text
 from imageserver import ImageServer
 from peers import Capture
+
+from backend.config import Settings
+from backend.errors import BackendError
+from backend.http.app import create_app
+from backend.http.startup import problems
+from backend.jobs.record import Job, JobRequest, JobStatus
+from backend.jobs.store import MemoryStore
+from backend.labelstudio.media import FETCH_FAILED
+from backend.labelstudio.outbound import Policy, Refused, is_public, parse_url
+from backend.labelstudio.retry import Backoff, retry_after
 
 TOKEN = "0123456789abcdef0123456789abcdef01234567"
 
@@ -223,7 +224,7 @@ def test_redirects_never_carry_the_token_elsewhere(settings, engine):
 ])
 def test_settings_that_would_leak_or_silently_skip_auth_are_refused(checkpoint, env, words):
     settings = Settings(model=checkpoint, device="cpu", **env)
-    assert any(words in p for p in settings.problems())
+    assert any(words in p for p in problems(settings))
     with pytest.raises(ValueError, match=words.split()[0]):
         create_app(settings)
 
@@ -407,22 +408,26 @@ def test_projects_in_memory_are_bounded(client_factory):
 
 
 def test_jobs_and_their_task_lists_are_bounded():
+    def job(job_id, status, created):
+        return Job(id=job_id, status=JobStatus(status), project=1, model_version="m", request=JobRequest(),
+                   label_config="", created_at=created, scope=f"dry-{job_id}")
+
     store = MemoryStore(max_jobs=2)
-    store.create("a", {"status": "queued", "created_at": 1.0})
-    store.create("b", {"status": "running", "created_at": 2.0})
+    store.create(job("a", "queued", 1.0))
+    store.create(job("b", "running", 2.0))
     with pytest.raises(BackendError) as e:
-        store.create("c", {"status": "queued", "created_at": 3.0})
+        store.create(job("c", "queued", 3.0))
     assert e.value.status == 429
-    store.transition("a", ("queued",), status="succeeded", finished_at=time.time())
-    store.create("c", {"status": "queued", "created_at": 3.0})  # the finished job makes room
+    store.transition("a", (JobStatus.QUEUED,), status=JobStatus.SUCCEEDED, finished_at=time.time())
+    store.create(job("c", "queued", 3.0))  # the finished job makes room
     assert store.get("a") is None and store.get("c") is not None
     with pytest.raises(BackendError) as e:
-        jobs._request({"project": 1, "tasks": list(range(1, 12))}, max_tasks=10)
+        JobRequest.parse({"project": 1, "tasks": list(range(1, 12))}, max_tasks=10)
     assert e.value.status == 413
     for bad in [{"project": "²"}, {"project": True}, {"project": 1, "limit": 10**400},
                 {"project": 1, "tasks": [1.5]}, {"project": 1, "chunk_size": -1}]:
         with pytest.raises(BackendError):
-            jobs._request(bad)
+            JobRequest.parse(bad)
 
 
 def test_metric_labels_come_from_fixed_sets(client_factory):

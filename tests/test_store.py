@@ -5,13 +5,15 @@ import time
 import pytest
 from redis import Redis
 
-from backend.retry import Backoff, Transient, retry_after, with_retries
-from backend.store import Conflict, MemoryStore, RedisStore
+from backend.jobs.record import Job, JobRequest, JobStatus
+from backend.jobs.redis_store import RedisStore
+from backend.jobs.store import Conflict, MemoryStore
+from backend.labelstudio.retry import Backoff, Transient, retry_after, with_retries
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
 def store(request):
     if request.param == "memory":
         yield MemoryStore()
@@ -23,9 +25,10 @@ def store(request):
     r.flushdb()
 
 
-def new(store, job_id, created, status="queued"):
-    store.create(job_id, {"id": job_id, "status": status, "project": 1, "created_at": created,
-                          "request": {"tasks": None, "overwrite": False}})
+def new(store, job_id, created, status="queued", scope=None):
+    store.create(Job(id=job_id, status=JobStatus(status), project=1, model_version="mv", created_at=created,
+                     request=JobRequest(tasks=[5, 7], overwrite=True), label_config="<View/>",
+                     scope=scope or f"dry-{job_id}", lock=scope))
 
 
 def test_finish_counts_each_task_once_across_retries(store):
@@ -34,18 +37,20 @@ def test_finish_counts_each_task_once_across_retries(store):
     assert store.finish("j1", "predicted", {2: 5, 3: 1}, "w2") == 1  # task 2 already finished: not again
     assert store.finish("j1", "failed", {1: 0}, "w2") == 0
     job = store.get("j1")
-    assert (job["processed"], job["predicted"], job["failed"], job["regions_added"]) == (3, 3, 0, 4)
-    assert job["workers"] == {"w1": 2, "w2": 1}
+    assert (job.processed, job.predicted, job.failed, job.regions_added) == (3, 3, 0, 4)
+    assert job.workers == {"w1": 2, "w2": 1}
     assert store.done("j1") == {1, 2, 3}
-    assert job["request"] == {"tasks": None, "overwrite": False}  # fields keep their types
+    assert job.request == JobRequest(tasks=[5, 7], overwrite=True)  # fields keep their types
+    assert isinstance(job.status, JobStatus) and job.created_at == 1.0 and job.label_config == "<View/>"
 
 
 def test_transition_never_overwrites_a_cancel(store):
     new(store, "j1", 1.0, status="running")
-    assert store.transition("j1", ("queued", "running"), status="cancelled", cancelled_at=5.0)
-    assert not store.transition("j1", ("running",), status="succeeded")
-    assert store.get("j1")["status"] == store.status("j1") == "cancelled"
-    assert not store.transition("missing", ("running",), status="failed")
+    assert store.transition("j1", (JobStatus.QUEUED, JobStatus.RUNNING), status=JobStatus.CANCELLED, cancelled_at=5.0)
+    assert not store.transition("j1", (JobStatus.RUNNING,), status=JobStatus.SUCCEEDED)
+    assert store.get("j1").status == store.status("j1") == JobStatus.CANCELLED
+    assert store.get("j1").cancelled_at == 5.0
+    assert not store.transition("missing", (JobStatus.RUNNING,), status=JobStatus.FAILED)
     assert store.status("missing") is None
 
 
@@ -53,26 +58,27 @@ def test_list_is_newest_first_filtered_and_paginated(store):
     for i, status in enumerate(["succeeded", "running", "failed", "running"]):
         new(store, f"j{i}", 100.0 + i, status=status)
     jobs, total = store.list()
-    assert total == 4 and [j["id"] for j in jobs] == ["j3", "j2", "j1", "j0"]
-    jobs, total = store.list("running", 0, 1)
-    assert total == 2 and [j["id"] for j in jobs] == ["j3"]
-    assert [j["id"] for j in store.list("running", 1, 5)[0]] == ["j1"]
+    assert total == 4 and [j.id for j in jobs] == ["j3", "j2", "j1", "j0"]
+    jobs, total = store.list(JobStatus.RUNNING, 0, 1)
+    assert total == 2 and [j.id for j in jobs] == ["j3"]
+    assert [j.id for j in store.list(JobStatus.RUNNING, 1, 5)[0]] == ["j1"]
 
 
 def test_errors_keep_the_latest_twenty_and_chunks_round_trip(store):
     new(store, "j1", 1.0)
     for i in range(25):
         store.add_error("j1", i, f"boom {i}")
-    errors = store.get("j1")["errors"]
+    errors = store.get("j1").errors
     assert len(errors) == 20 and errors[0] == {"task": 24, "error": "boom 24", "at": errors[0]["at"]}
     assert store.chunks("j1") is None
     store.set_chunks("j1", [[1, 2], [3]])
     assert store.chunks("j1") == [[1, 2], [3]]
     store.set("j1", total=3, chunks_total=2)
     assert (store.finish_chunk("j1", 0), store.finish_chunk("j1", 0), store.finish_chunk("j1", 1)) == (1, 1, 2)
-    assert (store.get("j1")["total"], store.get("j1")["chunks_done"]) == (3, 2)  # a chunk counts once
+    assert (store.get("j1").total, store.get("j1").chunks_done) == (3, 2)  # a chunk counts once
 
 
+@pytest.mark.redis
 def test_redis_jobs_expire_after_they_end():
     r = Redis.from_url(REDIS_URL)
     r.flushdb()
@@ -80,7 +86,7 @@ def test_redis_jobs_expire_after_they_end():
     new(s, "j1", 1.0, status="running")
     s.finish("j1", "predicted", {1: 1})
     assert r.ttl("sam3:job:j1") == -1  # running jobs never expire
-    s.transition("j1", ("running",), status="succeeded")
+    s.transition("j1", (JobStatus.RUNNING,), status=JobStatus.SUCCEEDED)
     assert 0 < r.ttl("sam3:job:j1") <= 1 and 0 < r.ttl("sam3:job:j1:done") <= 1
     time.sleep(1.2)
     assert s.get("j1") is None and s.list() == ([], 0)
@@ -115,20 +121,20 @@ def test_retry_after_reads_seconds_and_http_dates():
 
 
 def test_one_active_job_per_scope_and_the_lock_goes_with_the_job(store):
-    store.create("a", {"id": "a", "status": "queued", "created_at": 1.0}, scope="7:mv1")
+    new(store, "a", 1.0, scope="7:mv1")
     with pytest.raises(Conflict) as e:
-        store.create("b", {"id": "b", "status": "queued", "created_at": 2.0}, scope="7:mv1")
+        new(store, "b", 2.0, scope="7:mv1")
     assert e.value.status == 409 and e.value.job_id == "a" and "job a" in e.value.message
     assert store.get("b") is None  # nothing stored for the refused job
-    store.create("c", {"id": "c", "status": "queued", "created_at": 3.0}, scope="7:mv2")  # another version
-    store.create("d", {"id": "d", "status": "queued", "created_at": 4.0})  # a dry run locks nothing
-    assert store.transition("a", ("queued",), status="running")
+    new(store, "c", 3.0, scope="7:mv2")  # another version
+    new(store, "d", 4.0)  # a dry run locks nothing
+    assert store.transition("a", (JobStatus.QUEUED,), status=JobStatus.RUNNING)
     with pytest.raises(Conflict):
-        store.create("b", {"id": "b", "status": "queued", "created_at": 2.0}, scope="7:mv1")
-    assert store.transition("a", ("running",), status="succeeded")  # final: the lock is free
-    store.create("b", {"id": "b", "status": "queued", "created_at": 5.0}, scope="7:mv1")
+        new(store, "b", 2.0, scope="7:mv1")
+    assert store.transition("a", (JobStatus.RUNNING,), status=JobStatus.SUCCEEDED)  # final: the lock is free
+    new(store, "b", 5.0, scope="7:mv1")
     with pytest.raises(Conflict) as e:
-        store.create("e", {"id": "e", "status": "queued", "created_at": 6.0}, scope="7:mv1")
+        new(store, "e", 6.0, scope="7:mv1")
     assert e.value.job_id == "b"
 
 
@@ -167,9 +173,3 @@ def test_a_claim_paused_past_its_lease_is_never_taken_back(store):
     # finished tasks are never renewed, even by the claim's holder
     store.finish("j1", "predicted", {2: 1}, "b")
     assert store.renew("7:mv", {2: b[2]}, "b", lease=5, job_id="j1") == set()
-
-
-def test_first_time_is_true_once(store):
-    new(store, "j1", 1.0)
-    assert [store.first_time("j1", "chunk:0"), store.first_time("j1", "chunk:0"),
-            store.first_time("j1", "chunk:1")] == [True, False, True]

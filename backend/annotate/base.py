@@ -1,11 +1,11 @@
 """A `LabelStudioMLBase`-style base class: one instance per Label Studio project.
 
 Subclasses implement `setup()` and `predict(tasks, context, **kwargs)`, as in every Label Studio
-ML backend; `backend.protocol` serves them over the ML-backend HTTP contract.
+ML backend; `backend.http` serves them over the ML-backend HTTP contract.
 """
 from __future__ import annotations
 
-from .config import Settings
+from ..config import Settings
 
 
 class LabelStudioMLBase:
@@ -37,7 +37,3 @@ class LabelStudioMLBase:
     def predict(self, tasks: list[dict], context: dict | None = None, **kwargs) -> list[dict]:
         """One prediction dict ({"result": [...], "score", "model_version"}) per task, in task order."""
         raise NotImplementedError
-
-    def process_event(self, event: str, data: dict) -> dict:
-        """Label Studio webhooks (annotation created, ...). This backend does not train."""
-        return {}

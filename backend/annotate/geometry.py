@@ -13,10 +13,6 @@ import numpy as np
 from label_studio_sdk.converter.brush import mask2rle
 
 
-def percent_to_pixels(x: float, y: float, width: int, height: int) -> tuple[float, float]:
-    return x * width / 100.0, y * height / 100.0
-
-
 def _signed_area(pts: np.ndarray) -> float:
     x, y = pts[:, 0], pts[:, 1]
     return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(np.roll(x, -1), y))

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from label_studio_sdk.label_interface import LabelInterface
 
-from .errors import BackendError
+from ..errors import BackendError
 
 # Region type written for each output tag, in order of preference when a label is in several.
 OUTPUT_TYPES = {"PolygonLabels": "polygonlabels", "BrushLabels": "brushlabels", "RectangleLabels": "rectanglelabels",

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .errors import BackendError
+from ..errors import BackendError
+from ..validate import number
 from .labelconfig import LabelConfig
-from .wire import number
 
 EPS = 1e-6  # percent; LS can send 100.00000000001 for a click on the last pixel
 
@@ -57,20 +57,34 @@ def _polarity(region: dict, value: dict) -> int:
 
 def parse_context(context, config: LabelConfig, max_prompts: int = 64, max_chars: int = 200) -> Prompt:
     """The prompt in percent coordinates; BackendError (400) naming the first problem found."""
-    prompt = Prompt()
     if not context:
-        return prompt
+        return Prompt()
     if not isinstance(context, dict):
         raise BackendError("params.context must be an object")
     results = context.get("result") or []
-    negative_label = None
     if not isinstance(results, list):
         raise BackendError("params.context.result must be a list of regions")
     if len(results) > max_prompts:
         raise BackendError(f"params.context.result has {len(results)} regions; at most {max_prompts} "
                            "(SAM3_MAX_PROMPTS) are taken in one request")
+    reader = _Reader(config, max_chars)
     for i, region in enumerate(results):
-        where = f"context.result[{i}]"
+        reader.region(f"context.result[{i}]", region)
+    reader.prompt.label = reader.prompt.label or reader.negative_label
+    return reader.prompt
+
+
+class _Reader:
+    """Reads the regions of one context into a Prompt. The object's label is what its positive prompts say; a
+    negative click's or box's label only as a fallback."""
+
+    def __init__(self, config: LabelConfig, max_chars: int):
+        self.config, self.max_chars = config, max_chars
+        self.prompt = Prompt()
+        self.negative_label: str | None = None
+
+    def region(self, where: str, region) -> None:
+        config = self.config
         if not isinstance(region, dict):
             raise BackendError(f"{where} must be an object")
         name, rtype = region.get("from_name"), region.get("type")
@@ -84,60 +98,60 @@ def parse_context(context, config: LabelConfig, max_prompts: int = 64, max_chars
         if image not in config.images:
             raise BackendError(f"{where}: no output control labels image {image!r}; add a PolygonLabels, "
                                "BrushLabels or RectangleLabels with toName=\"" + image + "\"")
-        if prompt.image not in (None, image):
-            raise BackendError(f"{where}: prompts on two images ({prompt.image!r}, {image!r}) in one request")
-        prompt.image = image
-        rtype = rtype.lower()
+        if self.prompt.image not in (None, image):
+            raise BackendError(f"{where}: prompts on two images ({self.prompt.image!r}, {image!r}) in one request")
+        self.prompt.image = image
         value = region.get("value")
         if not isinstance(value, dict):
             raise BackendError(f"{where}.value must be an object")
-        if rtype == "keypointlabels":
-            x = _percent(value.get("x"), f"{where}.value.x")
-            y = _percent(value.get("y"), f"{where}.value.y")
-            polarity = _polarity(region, value)
-            prompt.points.append((x, y))
-            prompt.point_labels.append(polarity)
-            label = _first_label(value, "keypointlabels", where)
-            if polarity:  # the object's label is what its positive prompts say; a negative click's only as a fallback
-                prompt.label = label or prompt.label
-            else:
-                negative_label = negative_label or label
-        elif rtype == "rectanglelabels":
-            x = _percent(value.get("x"), f"{where}.value.x")
-            y = _percent(value.get("y"), f"{where}.value.y")
-            w = number(value.get("width"), f"{where}.value.width")
-            h = number(value.get("height"), f"{where}.value.height")
-            if w <= 0 or h <= 0:
-                raise BackendError(f"{where}: rectangle width and height must be positive")
-            x1 = _percent(x + w, f"{where}.value.x + width")
-            y1 = _percent(y + h, f"{where}.value.y + height")
-            label = _first_label(value, "rectanglelabels", where)
-            if name in config.exemplars:  # "every instance like this box" (or, drawn negative, "not like this")
-                polarity = _polarity(region, value)
-                prompt.exemplars.append(((x, y, x1, y1), polarity))
-                if polarity:
-                    prompt.label = label or prompt.label
-                else:
-                    negative_label = negative_label or label
-            else:
-                prompt.boxes.append((x, y, x1, y1))
-                prompt.label = label or prompt.label
-        elif rtype == "textarea":
-            text = value.get("text")
-            if isinstance(text, str):
-                text = [text]
-            if not isinstance(text, list) or not all(isinstance(t, str) for t in text):
-                raise BackendError(f"{where}.value.text must be a list of strings")
-            joined = " ".join(t.strip() for t in text if t.strip())
-            if len(joined) > max_chars:
-                raise BackendError(f"{where}: text prompt is {len(joined)} characters; at most {max_chars} "
-                                   "(SAM3_MAX_PROMPT_CHARS)")
-            prompt.text = joined
-        else:
+        read = {"keypointlabels": self.keypoint, "rectanglelabels": self.rectangle, "textarea": self.textarea}
+        if rtype.lower() not in read:
             raise BackendError(f"{where}: region type {rtype[:50]!r} is not a prompt "
                                "(use keypoints, rectangles or text)")
-    prompt.label = prompt.label or negative_label
-    return prompt
+        read[rtype.lower()](where, name, region, value)
+
+    def _labelled(self, label: str | None, positive: int) -> None:
+        if positive:
+            self.prompt.label = label or self.prompt.label
+        else:
+            self.negative_label = self.negative_label or label
+
+    def keypoint(self, where: str, name: str, region: dict, value: dict) -> None:
+        x = _percent(value.get("x"), f"{where}.value.x")
+        y = _percent(value.get("y"), f"{where}.value.y")
+        polarity = _polarity(region, value)
+        self.prompt.points.append((x, y))
+        self.prompt.point_labels.append(polarity)
+        self._labelled(_first_label(value, "keypointlabels", where), polarity)
+
+    def rectangle(self, where: str, name: str, region: dict, value: dict) -> None:
+        x = _percent(value.get("x"), f"{where}.value.x")
+        y = _percent(value.get("y"), f"{where}.value.y")
+        w = number(value.get("width"), f"{where}.value.width")
+        h = number(value.get("height"), f"{where}.value.height")
+        if w <= 0 or h <= 0:
+            raise BackendError(f"{where}: rectangle width and height must be positive")
+        box = (x, y, _percent(x + w, f"{where}.value.x + width"), _percent(y + h, f"{where}.value.y + height"))
+        label = _first_label(value, "rectanglelabels", where)
+        if name in self.config.exemplars:  # "every instance like this box" (or, drawn negative, "not like this")
+            polarity = _polarity(region, value)
+            self.prompt.exemplars.append((box, polarity))
+            self._labelled(label, polarity)
+        else:
+            self.prompt.boxes.append(box)
+            self._labelled(label, 1)
+
+    def textarea(self, where: str, name: str, region: dict, value: dict) -> None:
+        text = value.get("text")
+        if isinstance(text, str):
+            text = [text]
+        if not isinstance(text, list) or not all(isinstance(t, str) for t in text):
+            raise BackendError(f"{where}.value.text must be a list of strings")
+        joined = " ".join(t.strip() for t in text if t.strip())
+        if len(joined) > self.max_chars:
+            raise BackendError(f"{where}: text prompt is {len(joined)} characters; at most {self.max_chars} "
+                               "(SAM3_MAX_PROMPT_CHARS)")
+        self.prompt.text = joined
 
 
 def _first_label(value: dict, key: str, where: str) -> str | None:

@@ -1,11 +1,46 @@
-"""Detections -> Label Studio result regions for an output control (polygon, brush or box)."""
+"""Detections -> Label Studio result regions for an output control (polygon, brush or box), shaped by an
+`Outline`."""
 from __future__ import annotations
 
 import uuid
+from dataclasses import asdict, dataclass
 
+from ..sam3.detections import Detections
 from . import geometry
-from .detections import Detections
 from .labelconfig import Control
+
+
+@dataclass(frozen=True)
+class Outline:
+    """How masks become regions: the mask threshold, the polygon settings, the speck size, and for video the
+    shortest track kept and the most objects tracked at once. A job records its own (every worker draws the
+    same regions whatever its environment says); elsewhere they come from the settings."""
+
+    tolerance: float = 1.0  # pixels; Douglas-Peucker simplification
+    min_area: float = 16.0  # pixels; smaller pieces are dropped, smaller holes filled
+    holes: bool = True
+    max_pieces: int = 16
+    max_points: int = 1000
+    mask_threshold: float = 0.5
+    video_min_track: int = 3
+    video_max_objects: int = 32
+
+    @classmethod
+    def from_settings(cls, s) -> "Outline":
+        return cls(s.polygon_tolerance, s.min_piece_area, s.polygon_holes, s.max_pieces, s.max_polygon_points,
+                   s.mask_threshold, s.video_min_track, s.video_max_objects)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Outline":
+        return cls(**{k: data[k] for k in asdict(cls()) if k in data})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def polygon_settings(self) -> dict:
+        """What `to_regions` takes."""
+        return {"tolerance": self.tolerance, "min_area": self.min_area, "holes": self.holes,
+                "max_pieces": self.max_pieces, "max_points": self.max_points}
 
 
 def _region(control: Control, width: int, height: int, label: str, score: float, value: dict) -> dict:

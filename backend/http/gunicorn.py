@@ -17,7 +17,7 @@ import threading
 
 from gunicorn.workers.gthread import ThreadWorker
 
-from .watchdog import WATCHDOG
+from ..labelstudio.watchdog import WATCHDOG
 
 log = logging.getLogger(__name__)
 READ_TIMEOUT = 15.0  # set by `serve` from SAM3_READ_TIMEOUT before gunicorn forks its worker
@@ -103,7 +103,7 @@ def gunicorn_options(args, settings) -> dict:
     options = {
         "bind": f"{args.host}:{args.port}",
         "workers": 1,
-        "worker_class": "backend.serving.GuardedThreadWorker",
+        "worker_class": "backend.http.gunicorn.GuardedThreadWorker",
         "threads": args.threads,  # many: slow peers hold threads, the model lock serialises the real work
         "preload_app": False,  # never initialise CUDA in the master that forks
         "timeout": args.timeout,  # a large batch predict can take minutes

@@ -1,61 +1,19 @@
-"""Request bodies, checked at the edge into typed values.
+"""Request bodies of the ML-backend contract, checked at the edge into typed values.
 
-Deeper code never sees a list where it expects a string, a number it cannot use (Infinity, NaN),
-JSON nested deeper than any real request, or a project id that only looks like a number.
+Deeper code never sees a list where it expects a string, a task that is not an object, or a project id that only
+looks like a number (the rules for numbers and JSON themselves are `validate`'s).
 """
 from __future__ import annotations
 
-import json
-import math
 import re
 from dataclasses import dataclass, field
 
-from .errors import BackendError
+from ..annotate.task import Task
+from ..errors import BackendError
+from ..validate import parse_json, whole
 
-MAX_DEPTH = 32  # Label Studio's deepest body (a region's value inside a task's annotation) is ~8
 _PROJECT = re.compile(r"[0-9]{1,18}(?:\.[0-9]{1,20})?")
 TOKEN = re.compile(r"[\x21-\x7e]*")  # what can go in an Authorization header as it is
-
-
-def number(value, what: str) -> float:
-    """A finite number (JSON number or numeric string), or a 400 naming `what`."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise BackendError(f"{what} must be a number, got {str(value)[:50]!r}")
-    try:
-        v = float(value)
-    except (ValueError, OverflowError):
-        raise BackendError(f"{what} must be a number, got {str(value)[:50]!r}") from None
-    if not math.isfinite(v):
-        raise BackendError(f"{what} must be a finite number, got {str(value)[:50]!r}")
-    return v
-
-
-def _constant(name: str):
-    raise ValueError(f"{name} is not a number JSON allows")
-
-
-def _depth(data) -> int:
-    deepest, stack = 0, [(data, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, (dict, list)):
-            deepest = max(deepest, depth)
-            if depth > MAX_DEPTH:
-                return depth
-            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
-    return deepest
-
-
-def parse_json(raw: bytes | str, what: str = "request body"):
-    try:
-        data = json.loads(raw, parse_constant=_constant)
-    except RecursionError:
-        raise BackendError(f"{what} is nested too deeply") from None
-    except ValueError as e:  # UnicodeDecodeError included
-        raise BackendError(f"{what} is not valid JSON: {str(e)[:200]}") from None
-    if _depth(data) > MAX_DEPTH:
-        raise BackendError(f"{what} is nested deeper than {MAX_DEPTH} levels")
-    return data
 
 
 def json_object(raw: bytes) -> dict:
@@ -81,7 +39,7 @@ def project_key(value) -> str:
     """Label Studio sends "<id>.<created_at>"; the id names the project. "" when absent."""
     if value is None or value == "":
         return ""
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 10**18:
+    if whole(value, 0, 10**18 - 1):
         return str(value)
     if not isinstance(value, str) or not _PROJECT.fullmatch(value):
         raise BackendError("'project' must be a Label Studio project id, like \"12\" or \"12.1700000000\"")
@@ -120,7 +78,7 @@ class Setup:
 
 @dataclass
 class Predict:
-    tasks: list[dict]
+    tasks: list[Task]
     project: str
     label_config: str
     context: dict | None
@@ -146,4 +104,5 @@ class Predict:
         context = params.get("context")
         if context is not None and not isinstance(context, dict):
             raise BackendError("params.context must be an object")
-        return cls(tasks, project_key(data.get("project")), text(data, "label_config"), context)
+        return cls([Task.from_json(t) for t in tasks], project_key(data.get("project")), text(data, "label_config"),
+                   context)

@@ -17,15 +17,12 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from .errors import BackendError
-from .labelstudio import LabelStudioAPI
-from .retry import Backoff, Transient
+from ..annotate.versions import made_with
+from ..errors import BackendError
+from ..labelstudio.client import LabelStudioAPI
+from ..labelstudio.retry import Backoff, Transient
 
 log = logging.getLogger(__name__)
-
-
-class Skip(Exception):
-    """The task needs no prediction (annotated, or already predicted by this model_version)."""
 
 
 def has_prediction(task: dict, mv: str, besides: set[int] = frozenset()) -> bool:
@@ -33,14 +30,11 @@ def has_prediction(task: dict, mv: str, besides: set[int] = frozenset()) -> bool
     return any(p.get("model_version") == mv and p.get("id") not in besides for p in task.get("predictions") or [])
 
 
-def own_predictions(task: dict, mv: str, own_prefix: str) -> list[int]:
+def own_predictions(task: dict, mv: str, checkpoint_version: str) -> list[int]:
     """Ids of this backend's predictions of the task made with the same checkpoint (any ontology)."""
-    out = []
-    for p in task.get("predictions") or []:
-        version = str(p.get("model_version") or "")
-        if version == mv or version == own_prefix or version.startswith(own_prefix + "-"):
-            out.append(p["id"])
-    return out
+    return [p["id"] for p in task.get("predictions") or []
+            if str(p.get("model_version") or "") == mv or made_with(str(p.get("model_version") or ""),
+                                                                     checkpoint_version)]
 
 
 def post_predictions(api: LabelStudioAPI, project: int, mv: str, predictions: dict[int, dict], backoff: Backoff,
@@ -121,15 +115,15 @@ def remove_duplicates(api: LabelStudioAPI, task: dict, mv: str, before: set[int]
 
 
 def save(api: LabelStudioAPI, project: int, mv: str, predictions: dict[int, dict], tasks: dict[int, dict],
-         own_prefix: str, overwrite: bool, backoff: Backoff) -> Outcome:
+         checkpoint_version: str, overwrite: bool, backoff: Backoff) -> Outcome:
     """Post, look at what Label Studio holds and apply the rule, then (with `overwrite`) delete the older
     predictions of this backend that were read with the task.
 
     The look comes after posting, not before: it catches another run's post however close in time the two
     were, and it costs one read of the task's predictions per task (a look before as well adds a second read
     to every task, for no case this one misses: 2.2-2.4 tasks/s instead of 2.8-3.3 in `bench/jobs.py` with
-    the tiny model and Label Studio on the same two cores). Which of two posts stays is the rule's choice: both runs count the task as predicted, and
-    `removed` says how many were deleted."""
+    the tiny model and Label Studio on the same two cores). Which of two posts stays is the rule's choice:
+    both runs count the task as predicted, and `removed` says how many were deleted."""
     out = Outcome()
     before = {t: {p.get("id") for p in tasks[t].get("predictions") or []} for t in predictions}
     out.posted, out.failed = post_predictions(api, project, mv, predictions, backoff, before)
@@ -140,7 +134,7 @@ def save(api: LabelStudioAPI, project: int, mv: str, predictions: dict[int, dict
             log.warning("task %s: could not check for duplicates after posting: %s", t, e)
     if overwrite:
         for t in out.posted:
-            for old in own_predictions(tasks[t], mv, own_prefix):
+            for old in own_predictions(tasks[t], mv, checkpoint_version):
                 try:
                     api.delete_prediction(old)
                 except (Transient, BackendError) as e:  # the new one stands; the old one stays beside it

@@ -1,71 +1,35 @@
-"""Where jobs run: one background thread of the service (no Redis), or rq workers on any machines.
+"""rq: jobs run by workers on any number of machines, sharing one Redis.
 
-rq layout: a planner job per label job, which enqueues one rq job per chunk of tasks. Chunks carry
-retries, so a chunk whose worker died (SIGKILL, machine restart) is run again by another worker once
-its heartbeat lapses. That second run is harmless even when the first is alive after all (paused past its
-heartbeat): tasks are claimed in the store, and finished chunks are a set (`backend.runner`).
+A planner rq job per label job enqueues one rq job per chunk of tasks. Chunks carry retries, so a chunk whose
+worker died (SIGKILL, machine restart) is run again by another worker once its heartbeat lapses. That second
+run is harmless even when the first is alive after all (paused past its heartbeat): tasks are claimed in the
+store with fencing tokens, and finished chunks are a set (`runner`).
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
-import queue
-import tempfile
-import threading
-import time
-from pathlib import Path
 
-from . import jobs, labelstudio, runner
-from .config import Settings
-from .labelstudio import LabelStudioAPI
-from .runtime import Runtime
-from .store import RedisStore
+from ..config import Settings
+from ..labelstudio import client
+from ..sam3.model import Sam3Model
+from . import runner
+from .lifecycle import Context, fail
+from .redis_store import RedisStore
 
 log = logging.getLogger(__name__)
 
 
-def redis_store(settings: Settings) -> RedisStore:
-    from redis import Redis
-
-    return RedisStore(Redis.from_url(settings.redis_url))
+_context: Context | None = None
 
 
-class EmbeddedRunner:
-    """Jobs of this service, one at a time, in one daemon thread, in the order they came."""
-
-    def __init__(self, settings: Settings, runtime: Runtime, store):
-        self.settings, self.runtime, self.store = settings, runtime, store
-        self._queue: queue.Queue = queue.Queue()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-
-    def submit(self, job_id: str, api: LabelStudioAPI) -> None:
-        self._queue.put((job_id, api))
-        with self._lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._loop, name="sam3-jobs", daemon=True)
-                self._thread.start()
-
-    def _loop(self) -> None:
-        while True:
-            job_id, api = self._queue.get()
-            runner.run_all(jobs.Context(self.settings, self.runtime, self.store, api), job_id)
-
-
-# ---- rq ----------------------------------------------------------------------------------------
-_context: jobs.Context | None = None
-
-
-def worker_context(load: bool = True) -> jobs.Context:
+def worker_context(load: bool = True) -> Context:
     """This worker process's context: the model loads once, on first use (or by `worker`)."""
     global _context
     if _context is None:
-        settings = Settings.from_env()
-        api = labelstudio.api_for(settings, labelstudio.connect(settings))
-        _context = jobs.Context(settings, Runtime(settings), redis_store(settings), api)
-    if load and _context.runtime.state != "ready":
-        _context.runtime.load()
+        settings = Settings.from_env(bulk=True)
+        _context = Context(settings, Sam3Model(settings), RedisStore.from_settings(settings), client.api(settings))
+    if load and _context.sam3.state != "ready":
+        _context.sam3.load()
     return _context
 
 
@@ -105,7 +69,7 @@ def on_failure(job, connection, exc_type, exc_value, tb) -> None:
         log.warning("rq job %s failed (%s); rq will retry it", job.id, exc_type.__name__ if exc_type else "?")
         return
     label_job = job.args[0]
-    jobs.fail(RedisStore(connection), label_job, f"{job.description} failed after retries: "
+    fail(RedisStore(connection), label_job, f"{job.description} failed after retries: "
                                                  f"{exc_type.__name__ if exc_type else ''} {exc_value or ''}".strip())
 
 
@@ -125,66 +89,3 @@ def make_worker(settings: Settings, redis, name: str | None = None):
     worker = Worker([settings.queue], connection=redis, name=name, worker_ttl=max(60, settings.job_heartbeat),
                     maintenance_interval=max(1, settings.job_heartbeat // 2))
     return worker
-
-
-# ---- a worker's health, for its container -------------------------------------------------------
-HEALTH_FILE = Path(tempfile.gettempdir()) / "label-studio-sam3-worker.json"
-HEALTH_EVERY = 10.0  # seconds between reports; a report older than 3 of these means the worker is stuck or gone
-
-
-class HealthReport:
-    """A worker's state where `label-studio-sam3 health --worker` reads it: its model's state and whether it
-    reaches Redis, written every HEALTH_EVERY seconds by a side thread (a worker serves no HTTP to probe)."""
-
-    def __init__(self, runtime: Runtime, redis, path: Path = HEALTH_FILE):
-        self.runtime, self.redis, self.path = runtime, redis, path
-        self._stop = threading.Event()
-
-    def start(self) -> "HealthReport":
-        self.write()
-        threading.Thread(target=self._run, name="sam3-health", daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        try:
-            self.path.unlink()
-        except OSError:
-            pass
-
-    def _run(self) -> None:
-        while not self._stop.wait(HEALTH_EVERY):
-            self.write()
-
-    def write(self) -> None:
-        try:
-            self.redis.ping()
-            redis = "ok"
-        except Exception as e:  # reported, not raised: the worker itself retries
-            redis = f"{type(e).__name__}: {e}"[:300]
-        report = {"pid": os.getpid(), "at": time.time(), "model_state": self.runtime.state,
-                  "model_error": self.runtime.error or None, "redis": redis}
-        try:
-            tmp = self.path.with_name(self.path.name + f".{os.getpid()}")
-            tmp.write_text(json.dumps(report))
-            tmp.replace(self.path)  # whole or not at all: the reader never sees half a report
-        except OSError as e:
-            log.warning("cannot write the health report %s: %s", self.path, e)
-
-
-def read_health(path: Path = HEALTH_FILE) -> tuple[bool, str]:
-    """(healthy, why) from a worker's report: fresh, its model loaded, Redis reachable."""
-    try:
-        report = json.loads(path.read_text())
-    except FileNotFoundError:
-        return False, "no worker health report here (is `label-studio-sam3 worker` running in this container?)"
-    except (OSError, ValueError) as e:
-        return False, f"unreadable health report {path}: {e}"
-    age = time.time() - float(report.get("at") or 0)
-    if age > 3 * HEALTH_EVERY:
-        return False, f"the worker's last report is {age:.0f} s old: it is stuck or gone"
-    if report.get("redis") != "ok":
-        return False, f"the worker cannot reach Redis: {report.get('redis')}"
-    if report.get("model_state") != "ready":
-        return False, f"model {report.get('model_state')}: {report.get('model_error') or 'loading'}"
-    return True, "ready: connected to Redis, model loaded"

@@ -1,180 +1,182 @@
-"""A label job's record and lifecycle: the request, creating it (one active job per project and
-model_version), its view, cancel and fail. Running it is `backend.runner`; posting, `backend.poster`.
-"""
+"""What a job is: its status (`JobStatus`), the request it was made from (`JobRequest`, checked field by
+field), its record (`Job`: identity, counters, times), and the view `GET /jobs` shows."""
 from __future__ import annotations
 
-import logging
-import os
-import socket
 import time
-import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
-from typing import Callable
+from enum import Enum
 
-from .config import Settings, parse_bool
-from .errors import BackendError
-from .labelstudio import LabelStudioAPI
-from .model import SAM3Backend
-from .retry import Backoff, Transient
-from .runtime import Runtime
-from .store import ACTIVE, STATUSES
+from ..errors import BackendError
+from ..validate import parse_bool, whole
 
-log = logging.getLogger(__name__)
-DRY_RUN_LIMIT = 10
+DRY_RUN_LIMIT = 10  # tasks a dry run labels when it names no limit
+COUNTERS = ("total", "processed", "predicted", "skipped", "failed", "regions_added", "chunks_total", "frames",
+            "duplicates_removed")
+
+
+class JobStatus(str, Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def active(self) -> bool:
+        return self in ACTIVE
+
+    @classmethod
+    def parse(cls, text: str | None) -> "JobStatus | None":
+        """A `?status=` filter: None for none, BackendError (400) naming the statuses for an unknown one."""
+        if not text:
+            return None
+        try:
+            return cls(text)
+        except ValueError:
+            raise BackendError(f"unknown status {text!r}; one of {', '.join(s.value for s in cls)}") from None
+
+
+ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
+FINAL = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
 
 
 @dataclass
-class Context:
-    """What running a job needs: settings, the model, the job store and a Label Studio connection."""
+class JobRequest:
+    """A job request with every field checked (`parse`); `ontology`, `thresholds` and `outline` are resolved
+    against the project when the job is created, so every worker labels exactly the same way."""
 
-    settings: Settings
-    runtime: Runtime
-    store: object
-    api: LabelStudioAPI | None
-    worker: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
-    heartbeat: Callable[[], None] = lambda: None  # tells rq this worker is alive (see dispatch.Worker)
-    job_backend: tuple[str, SAM3Backend] | None = None  # (job id, its backend): chunks of one job share it
+    tasks: list[int] | None = None  # None: the whole project
+    ontology: object = None
+    thresholds: dict | None = None
+    outline: dict | None = None
+    limit: int | None = None
+    overwrite: bool = False
+    dry_run: bool = False
+    chunk_size: int | None = None
 
-    def require_api(self) -> LabelStudioAPI:
-        if self.api is None:
-            raise BackendError("this worker has no Label Studio connection: set LABEL_STUDIO_URL and "
-                               "LABEL_STUDIO_API_KEY in its environment")
-        return self.api
+    FIELDS = ("project", "ontology", "thresholds", "tasks", "limit", "overwrite", "dry_run", "chunk_size")
+
+    @classmethod
+    def parse(cls, body, max_tasks: int = 10000) -> tuple[int, "JobRequest"]:
+        """(project id, request) from a `POST /jobs` body; BackendError naming every problem found first."""
+        if not isinstance(body, dict):
+            raise BackendError("request body must be a JSON object")
+        unknown = set(body) - set(cls.FIELDS)
+        if unknown:
+            raise BackendError(f"unknown job field(s) {sorted(str(u)[:50] for u in unknown)[:10]}; known: "
+                               f"{sorted(cls.FIELDS)}")
+        project = body.get("project")
+        if not whole(project, 1, 10**15) and not (isinstance(project, str) and project.isascii()
+                                                  and project.isdigit() and len(project) <= 15):
+            raise BackendError("'project' must be a Label Studio project id (a number)")
+        tasks = body.get("tasks")
+        if tasks is not None:
+            if not isinstance(tasks, list) or not tasks or not all(whole(t, 1, 10**15) for t in tasks):
+                raise BackendError("'tasks' must be a non-empty list of task ids, or null for the whole project")
+            if len(tasks) > max_tasks:
+                raise BackendError(f"'tasks' names {len(tasks)} tasks; at most {max_tasks} (SAM3_MAX_JOB_TASKS) in one "
+                                   "job: split the list, or leave 'tasks' out to label the whole project", 413)
+        req = cls(tasks=sorted(set(tasks)) if tasks else None, ontology=body.get("ontology"),
+                  thresholds=body.get("thresholds"))
+        for name in ("overwrite", "dry_run"):
+            try:
+                value = body.get(name)
+                setattr(req, name, parse_bool(False if value is None else value, name))
+            except ValueError:
+                raise BackendError(f"'{name}' must be true or false") from None
+        for name, most in (("limit", 10**9), ("chunk_size", 100000)):
+            value = body.get(name)
+            if value is not None and not whole(value, 1, most):
+                raise BackendError(f"'{name}' must be a whole number from 1 to {most}, or null")
+            setattr(req, name, value)
+        if req.dry_run and req.limit is None:
+            req.limit = DRY_RUN_LIMIT
+        return int(project), req
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "JobRequest":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in (data or {}).items() if k in names})
+
+
+@dataclass
+class Job:
+    """A job's record as a store keeps it. `scope` ("<project>:<model_version>") is what its task claims and
+    its one-active-job lock are about; `lock` is the scope it locked (None for a dry run, which posts nothing)."""
+
+    id: str
+    status: JobStatus
+    project: int
+    model_version: str
+    request: JobRequest
+    label_config: str
+    created_at: float
+    scope: str
+    lock: str | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    cancelled_at: float | None = None
+    error: str | None = None
+    predictions: list | None = None  # a dry run's, instead of posting them
+    total: int = 0
+    processed: int = 0
+    predicted: int = 0
+    skipped: int = 0
+    failed: int = 0
+    regions_added: int = 0
+    chunks_total: int = 0
+    frames: int = 0
+    duplicates_removed: int = 0
+    chunks_done: int = 0
+    errors: list[dict] = field(default_factory=list)
+    workers: dict[str, int] = field(default_factory=dict)
+
+    STORED = ("id", "status", "project", "model_version", "request", "label_config", "created_at", "scope", "lock",
+              "started_at", "finished_at", "cancelled_at", "error", "predictions", *COUNTERS)
+
+    def stored(self) -> dict:
+        """The fields a store keeps (plain JSON values); counts from other tables are the store's own."""
+        out = {name: getattr(self, name) for name in self.STORED}
+        out["status"], out["request"] = self.status.value, self.request.to_dict()
+        return out
+
+    @classmethod
+    def from_stored(cls, data: dict, chunks_done: int = 0, errors=(), workers=None) -> "Job":
+        kept = {k: v for k, v in data.items() if k in cls.STORED}
+        kept["status"] = JobStatus(kept["status"])
+        kept["request"] = JobRequest.from_dict(kept.get("request") or {})
+        return cls(**kept, chunks_done=chunks_done, errors=list(errors), workers=dict(workers or {}))
+
+    @property
+    def active(self) -> bool:
+        return self.status.active
 
 
 def now() -> float:
     return time.time()
 
 
-# ---- creating a job ------------------------------------------------------------------------------
-def _request(body, max_tasks: int = 10000) -> dict:
-    """The job request with types checked; every problem named."""
-    if not isinstance(body, dict):
-        raise BackendError("request body must be a JSON object")
-    known = {"project", "ontology", "thresholds", "tasks", "limit", "overwrite", "dry_run", "chunk_size"}
-    unknown = set(body) - known
-    if unknown:
-        raise BackendError(f"unknown job field(s) {sorted(str(u)[:50] for u in unknown)[:10]}; known: {sorted(known)}")
-    project = body.get("project")
-    if not _whole(project, 1, 10**15) and not (isinstance(project, str) and project.isascii() and project.isdigit()
-                                               and len(project) <= 15):
-        raise BackendError("'project' must be a Label Studio project id (a number)")
-    tasks = body.get("tasks")
-    if tasks is not None:
-        if not isinstance(tasks, list) or not tasks or not all(_whole(t, 1, 10**15) for t in tasks):
-            raise BackendError("'tasks' must be a non-empty list of task ids, or null for the whole project")
-        if len(tasks) > max_tasks:
-            raise BackendError(f"'tasks' names {len(tasks)} tasks; at most {max_tasks} (SAM3_MAX_JOB_TASKS) in one "
-                               "job: split the list, or leave 'tasks' out to label the whole project", 413)
-    out = {"project": int(project), "tasks": sorted(set(tasks)) if tasks else None,
-           "ontology": body.get("ontology"), "thresholds": body.get("thresholds")}
-    for name in ("overwrite", "dry_run"):
-        try:
-            value = body.get(name)
-            out[name] = parse_bool(False if value is None else value, name)
-        except ValueError:
-            raise BackendError(f"'{name}' must be true or false") from None
-    for name, most in (("limit", 10**9), ("chunk_size", 100000)):
-        value = body.get(name)
-        if value is not None and not _whole(value, 1, most):
-            raise BackendError(f"'{name}' must be a whole number from 1 to {most}, or null")
-        out[name] = value
-    if out["dry_run"] and out["limit"] is None:
-        out["limit"] = DRY_RUN_LIMIT
-    return out
-
-
-def _whole(value, least: int, most: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and least <= value <= most
-
-
-def create(store, api: LabelStudioAPI, settings: Settings, runtime: Runtime, body) -> dict:
-    """Validate a job request against the project, store the job (queued) and return it.
-
-    Nothing is stored when the request, the project or its ontology is wrong.
-    """
-    req = _request(body, settings.max_job_tasks)
-    # The caller waits: two quick attempts, and Label Studio's trouble is a 424 (Failed Dependency), not ours.
-    quick = LabelStudioAPI(api.ls, Backoff(attempts=2, base=0.5), api.timeout)
-    try:
-        project = quick.project(req["project"])
-    except BackendError as e:
-        if e.status == 404:
-            raise BackendError(f"project {req['project']} not found in Label Studio at {api.ls.url}", 404) from None
-        raise BackendError(e.message, 424) from None
-    except Transient as e:
-        raise BackendError(f"Label Studio at {api.ls.url} is not answering: {e}", 424) from None
-    config = project.get("label_config") if isinstance(project, dict) else None
-    backend = backend_for(settings, runtime, api, config if isinstance(config, str) else "", req)
-    job_id = uuid.uuid4().hex[:12]
-    fields = {
-        "id": job_id,
-        "status": "queued",
-        "project": req["project"],
-        "model_version": backend.model_version,
-        # Resolved here, so every worker labels with exactly these whatever its own environment says.
-        "request": {**{k: v for k, v in req.items() if k != "project"},
-                    "ontology": [asdict(e) for e in backend.ontology], "thresholds": asdict(backend.thresholds),
-                    "outline": backend.outline},
-        "label_config": config,
-        "created_at": now(),
-        # What claims and the one-active-job lock are about; a dry run posts nothing, so it locks nothing.
-        "scope": f"dry-{job_id}" if req["dry_run"] else f"{req['project']}:{backend.model_version}",
-    }
-    store.create(job_id, fields, scope=None if req["dry_run"] else fields["scope"])
-    return store.get(job_id)
-
-
-def backend_for(settings, runtime, api, label_config: str, req: dict) -> SAM3Backend:
-    if not label_config.strip():
-        raise BackendError("the project has no label config")
-    extra = {"ontology": req.get("ontology"), "thresholds": req.get("thresholds")}
-    backend = SAM3Backend(label_config=label_config, extra_params=extra, settings=settings, runtime=runtime,
-                          hostname=api.ls.url if api else "", access_token=api.ls.token if api else "",
-                          outline=req.get("outline"))
-    if not backend.ontology:
-        raise BackendError("nothing to label: the project's output controls carry no labels")
-    # Nobody waits on a job's image: it may retry as long as the API calls do.
-    backend.loader.backoff = Backoff(max(settings.fetch_retries, settings.api_retries))
-    return backend
-
-
-def view(job: dict) -> dict:
+def view(job: Job) -> dict:
     """The job as GET /jobs shows it: counters, rate, ETA, ISO times; no internals."""
-    out = {k: v for k, v in job.items() if k not in ("label_config", "lock")}
-    started, ended = job.get("started_at"), job.get("finished_at")
-    if started:
-        elapsed = (ended or now()) - started
-        done = job.get("processed", 0)
-        rate = done / elapsed if elapsed > 0 else 0.0
+    out = {k: v for k, v in job.stored().items() if k not in ("label_config", "lock")}
+    out.update(chunks_done=job.chunks_done, errors=job.errors, workers=job.workers)
+    if job.predictions is None:
+        del out["predictions"]
+    for key in ("started_at", "finished_at", "cancelled_at", "error"):
+        if out[key] is None:
+            del out[key]
+    if job.started_at:
+        elapsed = (job.finished_at or now()) - job.started_at
+        rate = job.processed / elapsed if elapsed > 0 else 0.0
         out["elapsed_seconds"] = round(elapsed, 1)
         out["tasks_per_second"] = round(rate, 3)
-        left = max(job.get("total", 0) - done, 0)
-        out["eta_seconds"] = round(left / rate, 1) if rate > 0 and job["status"] in ACTIVE else None
+        left = max(job.total - job.processed, 0)
+        out["eta_seconds"] = round(left / rate, 1) if rate > 0 and job.active else None
     for key in ("created_at", "started_at", "finished_at", "cancelled_at"):
-        if job.get(key):
-            out[key] = datetime.fromtimestamp(job[key], timezone.utc).isoformat(timespec="seconds")
+        if out.get(key):
+            out[key] = datetime.fromtimestamp(out[key], timezone.utc).isoformat(timespec="seconds")
     return out
-
-
-def cancel(store, job_id: str) -> dict:
-    job = store.get(job_id)
-    if job is None:
-        raise BackendError(f"no job {job_id}", 404)
-    if not store.transition(job_id, ACTIVE, status="cancelled", cancelled_at=now(), finished_at=now()):
-        raise BackendError(f"job {job_id} is {store.get(job_id)['status']}; only queued or running jobs can be "
-                           "cancelled", 409)
-    return store.get(job_id)
-
-
-def fail(store, job_id: str, message: str) -> None:
-    log.error("job %s failed: %s", job_id, message)
-    store.add_error(job_id, None, message)
-    store.transition(job_id, ACTIVE, status="failed", error=message, finished_at=now())
-
-
-def check_status(status: str | None) -> str | None:
-    if status and status not in STATUSES:
-        raise BackendError(f"unknown status {status!r}; one of {', '.join(STATUSES)}")
-    return status or None

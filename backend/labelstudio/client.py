@@ -4,6 +4,7 @@ The one rule (`connect`): `LABEL_STUDIO_URL` with `LABEL_STUDIO_API_KEY` is the 
 project and every job; without them, each project's `/setup` hostname goes with that `/setup`'s token.
 A token is never paired with another host.
 
+`api(settings, hostname, token)` is that connection's API client, with retries, for jobs and late posts.
 The token is attached in one place (`LabelStudio._authorization`), and only to
 - API calls this backend builds itself from a clean `/api/...` path on Label Studio's URL, and
 - media URLs (`/data/upload/...`, `/data/local-files/...`, `/tasks/<id>/resolve/...`, ...) whose origin,
@@ -22,9 +23,10 @@ import time
 from urllib.parse import unquote, urlencode
 
 import requests
+from cachetools import TTLCache
 
+from ..errors import BackendError
 from . import outbound
-from .errors import BackendError
 from .outbound import URL, Refused
 from .retry import RETRY_STATUS, Backoff, Transient, retry_after, with_retries
 
@@ -155,7 +157,7 @@ class LabelStudio:
         A Label Studio that is merely slow to answer is given the benefit of the doubt.
         """
         key = (project, self.token)
-        if _checked.get(key, 0) > time.monotonic():
+        if key in _checked:
             return
         path = f"/api/projects/{int(project)}" if project.isdigit() else "/api/current-user/whoami"
         fix = ("set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY on the backend (a personal access token from "
@@ -180,7 +182,7 @@ class LabelStudio:
                                f"{': ' + detail if detail else ''}), so it cannot read the project's images: {fix}",
                                424)
         if r.status < 300:
-            _checked[key] = time.monotonic() + 60
+            _checked[key] = True
 
     # ---- API calls built here ------------------------------------------------------------------
     def api(self, method: str, path: str, *, params: dict | None = None, timeout: float = 60.0,
@@ -199,7 +201,7 @@ class LabelStudio:
             raise BackendError(f"{method} {path}: {e}", 502) from None
 
 
-_checked: dict[tuple, float] = {}  # (project, token) -> until when a passed check holds
+_checked: TTLCache = TTLCache(maxsize=4096, ttl=60)  # (project, token) whose check passed, for a minute
 _env_cache: dict[tuple, LabelStudio] = {}
 _env_lock = threading.Lock()
 
@@ -317,5 +319,22 @@ class LabelStudioAPI:
                 raise
 
 
-def api_for(settings, ls: LabelStudio | None) -> LabelStudioAPI | None:
+def api(settings, hostname: str = "", token: str = "") -> LabelStudioAPI | None:
+    """The API client of the connection `connect` decides on, with SAM3_API_RETRIES attempts per call."""
+    ls = connect(settings, hostname, token)
     return LabelStudioAPI(ls, Backoff(settings.api_retries)) if ls is not None else None
+
+
+def settings_problems(settings) -> list[str]:
+    """What is wrong with the Label Studio URL and the address policy the settings name."""
+    out = []
+    try:
+        outbound.Policy.parse(settings.allow_private_urls, settings.allowed_hosts)
+    except ValueError as e:
+        out.append(str(e))
+    if settings.label_studio_url:
+        try:
+            outbound.parse_url(settings.label_studio_url)
+        except Refused as e:
+            out.append(f"LABEL_STUDIO_URL is not usable: {e}")
+    return out

@@ -1,6 +1,6 @@
 """Fetch and decode task images, within a byte, pixel and time budget.
 
-Relative references and Label Studio media URLs go to Label Studio with its token (`labelstudio`
+Relative references and Label Studio media URLs go to Label Studio with its token (`client`
 decides); any other http(s) URL is fetched without it, through the address guard (`outbound`).
 A failed fetch of a non-Label Studio URL reads the same whatever the cause (refused address, no
 answer, HTTP error): the details go to the log, so the service is no port scanner.
@@ -16,9 +16,9 @@ import numpy as np
 import requests
 from PIL import Image, ImageOps
 
+from ..errors import BackendError, ImageError
 from . import outbound
-from .errors import BackendError, ImageError
-from .labelstudio import LabelStudio
+from .client import LabelStudio
 from .outbound import Refused
 from .retry import RETRY_STATUS, Backoff, Transient, retry_after, with_retries
 

@@ -9,7 +9,7 @@
   are refused unless the policy allows them (as Label Studio's own SSRF guard does).
 - One deadline covers connecting, headers and body: when it passes the socket is shut down.
 - Redirects are followed here, one hop at a time, each hop parsed and guarded like the first, and the
-  caller decides per hop which headers go with it (see `labelstudio.LabelStudio.auth`).
+  caller decides per hop which headers go with it (see `client.LabelStudio.auth`).
 
 This module never decides about tokens.
 """

@@ -17,7 +17,7 @@ from typing import Iterator
 import cv2
 import numpy as np
 
-from .errors import ImageError
+from ..errors import ImageError
 
 MAX_SIDE = 8192  # pixels; a frame is decoded whole, so a bound before the first one is read
 

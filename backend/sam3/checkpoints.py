@@ -45,7 +45,9 @@ def tiny_config():
         image_size=TINY_IMAGE_SIZE, pretrain_image_size=TINY_IMAGE_SIZE, window_size=4,
         global_attn_indexes=[1],
     )
-    vision = lambda: dict(backbone_config=vit(), fpn_hidden_size=w, backbone_feature_sizes=[[32, 32], [16, 16], [8, 8]])
+    def vision():
+        return dict(backbone_config=vit(), fpn_hidden_size=w, backbone_feature_sizes=[[32, 32], [16, 16], [8, 8]])
+
     layer = dict(hidden_size=w, num_layers=1, num_attention_heads=2, intermediate_size=2 * w)
     detector = Sam3Config(
         vision_config=vision(),
@@ -103,7 +105,7 @@ def build_checkpoint(out_dir: str | os.PathLike, *, tiny: bool = True, seed: int
     return out
 
 
-if __name__ == "__main__":  # python -m backend.checkpoints DIR [--full]
+if __name__ == "__main__":  # python -m backend.sam3.checkpoints DIR [--full]
     import sys
 
     path = build_checkpoint(sys.argv[1], tiny="--full" not in sys.argv)

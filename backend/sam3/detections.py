@@ -23,9 +23,19 @@ class Detections:
     def __len__(self) -> int:
         return len(self.scores)
 
+    def __getitem__(self, index) -> "Detections":
+        """The detections at `index` (a list of positions, a slice or a boolean mask), as Detections."""
+        idx = np.arange(len(self))[index]
+        idx = np.atleast_1d(idx)
+        return Detections(self.masks[idx], self.scores[idx], [self.labels[i] for i in idx])
+
     @classmethod
     def empty(cls, height: int, width: int) -> "Detections":
         return cls(np.zeros((0, height, width), bool), np.zeros(0, np.float32), [])
 
-    def with_label(self, label: str) -> "Detections":
-        return Detections(self.masks, self.scores, [label] * len(self))
+    def by_label(self) -> dict[str, "Detections"]:
+        """The detections of each label, in order of first appearance."""
+        groups: dict[str, list[int]] = {}
+        for i, label in enumerate(self.labels):
+            groups.setdefault(label, []).append(i)
+        return {label: self[ix] for label, ix in groups.items()}

@@ -12,7 +12,6 @@ import logging
 import math
 import threading
 import time
-from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Sequence
@@ -20,16 +19,18 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from cachetools import LRUCache
 from PIL import Image
 
-from . import metrics
+from .. import metrics
+from ..errors import BackendError
 from .detections import Detections
-from .errors import BackendError
 
 log = logging.getLogger(__name__)
 
 MAX_PROMPT_TOKENS = 32  # SAM 3's text encoder has 32 positions; longer prompts raise in the model
 MAX_PROMPT_CHARS = 1000  # nothing this long fits in 32 tokens; refused before the tokenizer sees it
+TEXT_CACHE = 4096  # distinct prompts whose text features are kept
 
 
 @dataclass
@@ -95,29 +96,22 @@ class EncodingCache:
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
-        self.total = 0
-        self._items: OrderedDict[str, Encoding] = OrderedDict()
+        self._items: LRUCache = LRUCache(maxsize=max_bytes, getsizeof=lambda enc: enc.nbytes)
         self._lock = threading.Lock()
+
+    @property
+    def total(self) -> int:
+        return int(self._items.currsize)
 
     def get(self, key: str) -> Encoding | None:
         with self._lock:
-            enc = self._items.get(key)
-            if enc is not None:
-                self._items.move_to_end(key)
-            return enc
+            return self._items.get(key)
 
     def put(self, enc: Encoding) -> None:
         if enc.nbytes > self.max_bytes:
             return
         with self._lock:
-            old = self._items.pop(enc.key, None)
-            if old is not None:
-                self.total -= old.nbytes
             self._items[enc.key] = enc
-            self.total += enc.nbytes
-            while self.total > self.max_bytes:
-                _, dropped = self._items.popitem(last=False)
-                self.total -= dropped.nbytes
         metrics.CACHE_BYTES.set(self.total)
 
     def __len__(self) -> int:
@@ -197,6 +191,10 @@ class Sam3Engine:
 
     Model calls are serialised by one lock: the service answers requests on several threads but
     the accelerator runs one forward at a time, and the cache keeps clicks on the same image cheap.
+
+    Longer than the other classes because it must be one: every method runs a forward of the same two heads on
+    the same encodings under the same lock (loading, encoding, clicks, text, the shared ViT's tracker neck), and
+    a split would spread that lock and that cache across classes that all need both.
     """
 
     def __init__(self, model: str, device: str = "auto", cache_bytes: int = 2 << 30, dtype: str = "auto"):
@@ -206,7 +204,7 @@ class Sam3Engine:
         self.cache = EncodingCache(cache_bytes)
         self.refinements = Refinements()
         self.vit_passes = 0  # how many times the image encoder ran (tests and metrics read it)
-        self._text_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._text_cache: LRUCache = LRUCache(maxsize=TEXT_CACHE)  # prompt -> (features, attention mask)
         self._lock = PriorityLock()
         self.detector = self.tracker = self.processor = None
         self.load_kwargs: dict = {}
@@ -252,6 +250,11 @@ class Sam3Engine:
     def urgent(self):
         """`with engine.urgent():` this thread's model calls go before bulk work waiting for the model."""
         return self._lock.urgent()
+
+    def exclusive(self) -> PriorityLock:
+        """`with engine.exclusive():` the model to this thread alone (the video tracker takes it per frame, so a
+        click waits for one frame at most); reentrant."""
+        return self._lock
 
     # ---- image encoding ------------------------------------------------------------------
     def encode(self, image: Image.Image, key: str | None = None) -> Encoding:
@@ -367,7 +370,7 @@ class Sam3Engine:
         best = int(iou.argmax())
         logits = out.pred_masks[0, 0, best : best + 1].float()  # [1, h, w] low-res logits
         self.refinements.put((enc.key, clicks, frame), logits.detach())
-        mask = self._upsample(logits, enc.height, enc.width, mask_threshold)[0]
+        mask = upsample(logits, enc.height, enc.width, mask_threshold)[0]
         return mask, float(iou[best].clamp(0, 1))
 
     # ---- text (every instance) -----------------------------------------------------------
@@ -419,7 +422,7 @@ class Sam3Engine:
             keep = (scores[i] > threshold).nonzero().flatten()
             keep = keep[scores[i][keep].argsort(descending=True)][:max_keep]
             # Only the kept queries are upsampled to full resolution.
-            masks = self._upsample(out.pred_masks[i, keep].float(), enc.height, enc.width, mask_threshold)
+            masks = upsample(out.pred_masks[i, keep].float(), enc.height, enc.width, mask_threshold)
             results.append(Detections(masks, scores[i, keep].cpu().numpy(), [prompt] * len(keep)))
         return results
 
@@ -444,47 +447,39 @@ class Sam3Engine:
                 feats = self.detector.get_text_features(input_ids=ids, attention_mask=attn).pooler_output
                 for j, p in enumerate(missing):
                     self._text_cache[p] = (feats[j : j + 1], attn[j : j + 1])
-                while len(self._text_cache) > 4096:
-                    self._text_cache.popitem(last=False)
             text = torch.cat([self._text_cache[p][0] for p in prompts])
             attn = torch.cat([self._text_cache[p][1] for p in prompts])
         return text, attn
-
-    def _upsample(self, logits: torch.Tensor, height: int, width: int, mask_threshold: float) -> np.ndarray:
-        """Low-res mask logits [N, h, w] -> bool masks [N, H, W] at the original size."""
-        n = logits.shape[0]
-        out = np.zeros((n, height, width), bool)
-        if n == 0:
-            return out
-        cut = math.log(mask_threshold / (1 - mask_threshold))  # sigmoid(x) > t  <=>  x > logit(t)
-        # Chunked so that a large image with many instances stays within bounded memory.
-        step = max(1, int(64e6 // (height * width)))
-        for i in range(0, n, step):
-            up = F.interpolate(logits[None, i : i + step], size=(height, width), mode="bilinear", align_corners=False)
-            out[i : i + step] = (up[0] > cut).cpu().numpy()
-        return out
-
 
 class Refinements:
     """The low-res logits of recent click answers, by (image, prompt): small (about 330 KB each), LRU."""
 
     def __init__(self, size: int = 256):
-        self.size = size
-        self._items: OrderedDict = OrderedDict()
+        self._items: LRUCache = LRUCache(maxsize=size)
         self._lock = threading.Lock()
 
     def get(self, key):
         with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
             return self._items.get(key)
 
     def put(self, key, logits: torch.Tensor) -> None:
         with self._lock:
             self._items[key] = logits
-            self._items.move_to_end(key)
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
+
+
+def upsample(logits: torch.Tensor, height: int, width: int, mask_threshold: float) -> np.ndarray:
+    """Low-res mask logits [N, h, w] -> bool masks [N, H, W] at the original size."""
+    n = logits.shape[0]
+    out = np.zeros((n, height, width), bool)
+    if n == 0:
+        return out
+    cut = math.log(mask_threshold / (1 - mask_threshold))  # sigmoid(x) > t  <=>  x > logit(t)
+    # Chunked so that a large image with many instances stays within bounded memory.
+    step = max(1, int(64e6 // (height * width)))
+    for i in range(0, n, step):
+        up = F.interpolate(logits[None, i : i + step], size=(height, width), mode="bilinear", align_corners=False)
+        out[i : i + step] = (up[0] > cut).cpu().numpy()
+    return out
 
 
 def _prompt_key(points, labels, box) -> tuple[tuple, tuple]:

@@ -11,20 +11,29 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.ops import masks_to_boxes
 
-from .autolabel import Entry, Thresholds
-from .errors import BackendError
+from ..errors import BackendError
+from .engine import MAX_PROMPT_TOKENS
 
 log = logging.getLogger(__name__)
 
 BOX_SIDE = 1024  # masks are upsampled to at most this many pixels a side before their boxes are read
 CANDIDATES = 64  # detections per frame (all prompts together) that may start or match a track
+
+
+class Concept(NamedTuple):
+    """What to track: every instance of `prompt`, labelled `label`, kept when its best score reaches
+    `threshold`. (Which prompts and thresholds a project uses is the annotation policy's business.)"""
+
+    prompt: str
+    label: str
+    threshold: float
 
 
 @dataclass
@@ -78,69 +87,73 @@ class VideoTracker:
                 log.info("video tracker loaded from %s", e.model_id)
         return self
 
-    def track(self, frames: Iterable[tuple[int, np.ndarray]], size: tuple[int, int], entries: list[Entry],
-              thresholds: Thresholds, *, min_frames: int = 3, window: int = 64, max_objects: int = 32,
+    def track(self, frames: Iterable[tuple[int, np.ndarray]], size: tuple[int, int], concepts: list[Concept], *,
+              min_frames: int = 3, window: int = 64, max_objects: int = 32,
               on_window: Callable[[int], None] | None = None, timing: Timing | None = None) -> list[Track]:
-        """Tracks of every instance of every entry's prompt over `frames` ((frame number, RGB) in order), best
-        first. `size` is the video's (width, height). `on_window(frames done)` runs every `window` frames and
-        may raise `Cancelled`."""
-        from transformers import Sam3VideoInferenceSession
-
-        if not entries:
+        """Tracks of every instance of every concept over `frames` ((frame number, RGB) in order), best first, at
+        most `max_objects` at once. `size` is the video's (width, height). `on_window(frames done)` runs every
+        `window` frames and may raise `Cancelled`."""
+        if not concepts:
             return []
         self.load()
-        e, model = self.engine, self.model
-        timing = timing or Timing()
-        labels, limit = {}, {}  # by prompt: its label, and the score its tracks must reach (the images' rule)
-        for entry in entries:
-            if entry.prompt not in labels:
-                labels[entry.prompt] = entry.label
-                limit[entry.prompt] = thresholds.for_label(entry.label, entry.threshold)
-        floor = min(limit.values())
-        width, height = size
-        box_size = _box_size(width, height)
-        session = Sam3VideoInferenceSession(
-            video_height=height, video_width=width, inference_device=e.device, inference_state_device=e.device,
-            video_storage_device=e.device, dtype=e.dtype)
-        tok = e.processor.tokenizer
-        for prompt in labels:
-            pid = session.add_prompt(prompt)
-            enc = tok(prompt, return_tensors="pt", padding="max_length", max_length=32)
-            session.prompt_input_ids[pid] = enc.input_ids.to(e.device)
-            session.prompt_attention_masks[pid] = enc.attention_mask.to(e.device)
-
+        model, timing = self.model, timing or Timing()
+        labels, limit = {}, {}  # by prompt: its label, and the score its tracks must reach
+        for concept in concepts:
+            if concept.prompt not in labels:
+                labels[concept.prompt] = concept.label
+                limit[concept.prompt] = concept.threshold
+        session = self._session(size, labels)
         tracks: dict[int, Track] = {}
-        removed: set[int] = set()
         with self._one_video:
             # SAM 3's own rule, moved with the project's threshold: detections above it are candidates, new
             # tracks start 0.2 higher (0.5 and 0.7 by default).
+            floor = min(limit.values())
             model.score_threshold_detection = floor
             model.new_det_thresh = min(1.0, floor + 0.2)
-            model.max_num_objects = min(thresholds.max_detections, max_objects)
+            model.max_num_objects = max_objects
             model.candidates_per_prompt = max(4, CANDIDATES // len(labels))
-            done = 0
-            t_read = time.perf_counter()
-            for number, rgb in frames:
-                px = e.processor.image_processor(images=rgb, return_tensors="pt").pixel_values[0]
-                px = px.to(e.device, e.dtype)
-                timing.decode += time.perf_counter() - t_read
-                with e._lock, torch.inference_mode():
-                    out = self._step(session, px, number - 1, timing)
-                removed |= set(out.removed_obj_ids or ())
-                hidden = set(out.suppressed_obj_ids or ()) | removed
-                self._record(session, out, hidden, number, box_size, labels, tracks)
-                self.held = _trim(session, number - 1, model)
-                done += 1
-                timing.frames += 1
-                if on_window is not None and done % window == 0:
-                    on_window(done)
-                t_read = time.perf_counter()
-            if on_window is not None and done % window:
-                on_window(done)
+            removed = self._frames(session, frames, _box_size(*size), labels, tracks, window, on_window, timing)
         kept = [t for tid, t in tracks.items()
                 if tid not in removed and len(t.boxes) >= min_frames and t.score >= limit[t.prompt]]
         kept.sort(key=lambda t: -t.score)
         return kept[: model.max_num_objects]
+
+    def _session(self, size: tuple[int, int], labels: dict):
+        """A streaming session for a video of `size` (width, height), with every prompt tokenized."""
+        from transformers import Sam3VideoInferenceSession
+
+        e, (width, height) = self.engine, size
+        session = Sam3VideoInferenceSession(
+            video_height=height, video_width=width, inference_device=e.device, inference_state_device=e.device,
+            video_storage_device=e.device, dtype=e.dtype)
+        for prompt in labels:
+            pid = session.add_prompt(prompt)
+            enc = e.processor.tokenizer(prompt, return_tensors="pt", padding="max_length", max_length=MAX_PROMPT_TOKENS)
+            session.prompt_input_ids[pid] = enc.input_ids.to(e.device)
+            session.prompt_attention_masks[pid] = enc.attention_mask.to(e.device)
+        return session
+
+    def _frames(self, session, frames, box_size, labels, tracks, window, on_window, timing) -> set[int]:
+        """Every frame through the model, its visible objects recorded into `tracks`; the ids SAM 3 removed."""
+        e, removed, done = self.engine, set(), 0
+        t_read = time.perf_counter()
+        for number, rgb in frames:
+            px = e.processor.image_processor(images=rgb, return_tensors="pt").pixel_values[0].to(e.device, e.dtype)
+            timing.decode += time.perf_counter() - t_read
+            with e.exclusive(), torch.inference_mode():
+                out = self._step(session, px, number - 1, timing)
+            removed |= set(out.removed_obj_ids or ())
+            hidden = set(out.suppressed_obj_ids or ()) | removed
+            self._record(session, out, hidden, number, box_size, labels, tracks)
+            self.held = _trim(session, number - 1, self.model)
+            done += 1
+            timing.frames += 1
+            if on_window is not None and done % window == 0:
+                on_window(done)
+            t_read = time.perf_counter()
+        if on_window is not None and done % window:
+            on_window(done)
+        return removed
 
     def _step(self, session, px: torch.Tensor, index: int, timing: Timing):
         """One frame through the model (under the engine's lock); the ViT's share of the time is measured apart."""

@@ -1,5 +1,6 @@
-"""The process-wide model: loaded once in the background, retried while it fails, and the identity of
-its weights (which `model_version` carries)."""
+"""SAM 3 as this process holds it (`Sam3Model`): one engine for every project, loaded once in the background,
+retried while it fails, loading, ready or failed with the reason; and the identity of its weights (which every
+`model_version` carries)."""
 from __future__ import annotations
 
 import hashlib
@@ -14,13 +15,17 @@ from urllib.parse import urlsplit
 
 import torch
 
-from . import metrics
-from .config import Settings
+from .. import metrics
+from ..config import Settings
+from ..errors import BackendError
 from .engine import Sam3Engine
-from .errors import BackendError
 
 log = logging.getLogger(__name__)
 WEIGHTS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+# How long a caller waits for a model that is still loading before it is told so (503):
+CLICK_WAIT = 120.0  # an annotator's click
+BATCH_WAIT = 300.0  # Retrieve Predictions, `predict` on local files
+JOB_WAIT = 600.0  # a job's chunk (nobody waits on it; rq retries it later otherwise)
 
 
 def _cache_file() -> Path:
@@ -65,7 +70,7 @@ def checkpoint_fingerprint(folder: str | os.PathLike) -> str:
 
 
 def model_version(settings: Settings, fingerprint: str) -> str:
-    """Changes when the weights change, and only then."""
+    """The checkpoint's part of every model_version: changes when the weights change, and only then."""
     name = Path(settings.model.rstrip("/")).name or "sam3"
     return f"{name}-{fingerprint}"
 
@@ -174,8 +179,8 @@ def load_engine(settings: Settings) -> Sam3Engine:
             "the licence on the hub and set HF_TOKEN, or set SAM3_MODEL to a local checkpoint folder") from None
 
 
-class Runtime:
-    """The process-wide engine, loaded once in the background; a failed load is retried with backoff.
+class Sam3Model:
+    """The process's SAM 3: its engine, loaded once in the background; a failed load is retried with backoff.
 
     Until it is loaded, /health answers 503 with the state and the reason, and /setup and /predict refuse.
     """
@@ -228,7 +233,7 @@ class Runtime:
             delay = min(delay * 2, self.RETRY[1])
             self.state = "loading"
 
-    def load(self) -> "Runtime":
+    def load(self) -> "Sam3Model":
         """One attempt, in this thread (the CLI); a failure is kept for /health and predict, not raised.
 
         Any failure counts, not only exceptions (a SystemExit raised by a library inside the loader thread would
