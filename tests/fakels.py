@@ -31,6 +31,7 @@ class FakeLabelStudio:
         self.tasks: dict[int, dict] = {}
         self.predictions: dict[int, dict] = {}
         self.annotations: dict[int, list] = {}
+        self.ml_backends: list[dict] = []  # what GET /api/ml?project= lists (their extra params)
         self.faults: list[tuple[str, str]] = []  # (method + path fragment, kind)
         self.hooks: list[tuple[str, object]] = []  # (method + path fragment, callable), each runs once
         self.calls: Counter = Counter()
@@ -44,6 +45,13 @@ class FakeLabelStudio:
             self.tasks[tid] = {"id": tid, "data": data, "project": 1}
             self.annotations[tid] = [{"id": tid, "result": []}] if annotated else []
             return tid
+
+    def add_annotation(self, task: int, result: list, was_cancelled: bool = False, updated_at: str = "") -> int:
+        with self._lock:
+            aid = 5000 + sum(len(a) for a in self.annotations.values())
+            self.annotations[task].append({"id": aid, "result": result, "was_cancelled": was_cancelled,
+                                           "updated_at": updated_at or f"2026-01-01T00:00:{aid % 60:02d}Z"})
+            return aid
 
     def add_prediction(self, task: int, model_version: str, result=None) -> int:
         with self._lock:
@@ -99,14 +107,19 @@ class FakeLabelStudio:
                 chunk = ids[(page - 1) * size: page * size]
                 if not chunk and page > 1:
                     return 404, {"detail": "Invalid page."}
-                return 200, {"tasks": [{"id": t, "total_annotations": len(self.annotations[t]),
-                                        "cancelled_annotations": 0} for t in chunk]}
+                return 200, {"tasks": [{"id": t, "total_annotations": sum(not a.get("was_cancelled")
+                                                                          for a in self.annotations[t]),
+                                        "cancelled_annotations": sum(bool(a.get("was_cancelled"))
+                                                                     for a in self.annotations[t])}
+                                       for t in chunk]}
             if method == "GET" and parts[:2] == ["api", "tasks"] and len(parts) == 3:
                 tid = int(parts[2])
                 if tid not in self.tasks:
                     return 404, {"detail": "Not found."}
                 return 200, {**self.tasks[tid], "annotations": list(self.annotations[tid]),
                              "predictions": [dict(p) for p in self.of(tid)]}
+            if method == "GET" and path == "/api/ml":
+                return 200, [dict(m) for m in self.ml_backends]
             if method == "GET" and path == "/api/predictions/":
                 return 200, [dict(p) for p in self.of(int(params["task"]))]
             if method == "POST" and parts[-2:] == ["import", "predictions"]:

@@ -16,7 +16,7 @@ from backend.config import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 LINT = str(Path(sys.executable).with_name("lint-imports"))
-PARTS = ["annotate", "cli", "http", "jobs", "labelstudio", "sam3"]
+PARTS = ["annotate", "cli", "evaluate", "http", "jobs", "labelstudio", "sam3"]
 
 
 def lint(root: Path) -> subprocess.CompletedProcess:

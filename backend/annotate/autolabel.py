@@ -52,37 +52,50 @@ class AutoLabeler:
     def label(self, enc, entries: list[Entry] | None = None, exemplars=()) -> Detections:
         """Every instance on one encoded image, labelled, thresholded, de-duplicated, best first
         (`exemplars`: boxes the instances should look like, or not; see `Sam3Engine.detect`)."""
-        t0 = time.perf_counter()
         entries = self.entries if entries is None else entries
-        prompts = list(dict.fromkeys(e.prompt for e in entries))
         # The lowest threshold any entry of a prompt uses, so the engine upsamples only what may be kept.
         floor = min(self.thresholds.for_label(e.label, e.threshold) for e in entries)
+        found = self.detect(enc, entries, floor, exemplars)
+        return self.select(found, entries, self.thresholds, enc.height, enc.width)
+
+    def detect(self, enc, entries: list[Entry], floor: float, exemplars=()) -> dict[str, Detections]:
+        """Each distinct prompt's instances scoring above `floor` (at most max_detections each), in one forward."""
+        t0 = time.perf_counter()
+        prompts = list(dict.fromkeys(e.prompt for e in entries))
         found = dict(zip(prompts, self.engine.detect(enc, prompts, floor, self.mask_threshold,
                                                      self.thresholds.max_detections, exemplars)))
-        t1 = time.perf_counter()
+        self.stages.add("decode", time.perf_counter() - t0)
+        return found
+
+    def select(self, found: dict[str, Detections], entries: list[Entry], thresholds: Thresholds, height: int,
+               width: int) -> Detections:
+        """What `thresholds` keep of `found`: each entry's instances above its threshold and `min_area`, labelled
+        with its label, then (with `nms`) duplicates across prompts suppressed, best first, at most
+        `max_detections`."""
+        t0 = time.perf_counter()
         masks, scores, labels = [], [], []
         for e in entries:
             d = found[e.prompt]
-            th = self.thresholds.for_label(e.label, e.threshold)
+            th = thresholds.for_label(e.label, e.threshold)
             for m, s in zip(d.masks, d.scores):
-                if s >= th and m.sum() >= max(self.thresholds.min_area, 1):
+                if s >= th and m.sum() >= max(thresholds.min_area, 1):
                     masks.append(m)
                     scores.append(float(s))
                     labels.append(e.label)
-        dets = self._select(masks, scores, labels, enc.height, enc.width)
-        self.stages.add("decode", t1 - t0)
-        self.stages.add("select", time.perf_counter() - t1)
+        dets = self._best(masks, scores, labels, height, width, thresholds)
+        self.stages.add("select", time.perf_counter() - t0)
         return dets
 
-    def _select(self, masks, scores, labels, height, width) -> Detections:
+    @staticmethod
+    def _best(masks, scores, labels, height, width, thresholds: Thresholds) -> Detections:
         if not masks:
             return Detections.empty(height, width)
         order = np.argsort(-np.asarray(scores), kind="stable")
-        if self.thresholds.nms and len(masks) > 1:
+        if thresholds.nms and len(masks) > 1:
             boxes = torch.tensor([geometry.mask_to_box(m) for m in masks], dtype=torch.float32)
-            keep = nms(boxes, torch.tensor(scores, dtype=torch.float32), self.thresholds.nms_iou).numpy()
+            keep = nms(boxes, torch.tensor(scores, dtype=torch.float32), thresholds.nms_iou).numpy()
             order = keep  # nms returns indices sorted by decreasing score
-        order = order[: self.thresholds.max_detections]
+        order = order[: thresholds.max_detections]
         return Detections(np.stack([masks[i] for i in order]), np.array([scores[i] for i in order]),
                           [labels[i] for i in order])
 
@@ -95,8 +108,11 @@ class AutoLabeler:
         load: Callable[[object], object],
         entries_for: Callable[[object], list[Entry]] | None = None,
         deadline: float | None = None,
+        measure: Callable | None = None,
     ) -> Iterator[tuple[object, object, Detections | None, Exception | None]]:
         """(item, image, detections, error) for each item, in input order.
+
+        `measure(enc, entries)` replaces `label` (what an evaluation records of an image instead of its regions).
 
         `load(item)` fetches and decodes an image on a worker thread, once per item; up to PREFETCH loads run
         ahead of the model, so slow image servers overlap with compute. A failed load yields
@@ -119,11 +135,11 @@ class AutoLabeler:
                     futures[submitted] = pool.submit(load, items[submitted])
                     submitted += 1
                 batch = range(start, min(start + chunk, len(items)))
-                yield from self._chunk([(items[j], futures.pop(j)) for j in batch], entries_for)
+                yield from self._chunk([(items[j], futures.pop(j)) for j in batch], entries_for, measure or self.label)
         finally:  # stopped early (deadline, the caller stopped reading): downloads not yet started are dropped
             pool.shutdown(wait=False, cancel_futures=True)
 
-    def _chunk(self, loading: list, entries_for) -> Iterator[tuple]:
+    def _chunk(self, loading: list, entries_for, measure) -> Iterator[tuple]:
         """One chunk: its images awaited, encoded in one ViT forward, then each labelled with its entries."""
         t0 = time.perf_counter()
         images, errors = {}, {}
@@ -141,7 +157,7 @@ class AutoLabeler:
                 yield item, images.get(j), None, errors[j]
                 continue
             try:
-                dets = self.label(by_index[j], entries_for(item) if entries_for else None)
+                dets = measure(by_index[j], entries_for(item) if entries_for else None)
             except Exception as e:
                 log.exception("labelling item %s failed", item)
                 yield item, images[j], None, e

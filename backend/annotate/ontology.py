@@ -126,6 +126,20 @@ def parse_ontology(spec, config: LabelConfig, max_entries: int = 256, max_chars:
 EXTRA_KEYS = ("ontology", "thresholds")
 
 
+def extra_params(value) -> dict:
+    """A model connection's extra params: an object, or the JSON text the Connect Model form sends (and Label
+    Studio's API serves)."""
+    if value is None or value == "":
+        return {}
+    if isinstance(value, str):
+        if len(value) > 1 << 16:
+            raise BackendError("extra_params is longer than 65536 characters")
+        value = parse_json(value, "extra_params") if value.strip() else {}
+    if not isinstance(value, dict):
+        raise BackendError("extra_params must be a JSON object, e.g. {\"ontology\": {...}, \"thresholds\": {...}}")
+    return value
+
+
 def split_extra(spec) -> tuple[object, dict | None]:
     """(ontology, thresholds) from an ontology in any documented form: bare (Roboflow's three formats)
     or wrapped as in extra params, `{"ontology": ..., "thresholds": ...}`; JSON text or parsed."""

@@ -19,6 +19,8 @@ def _run(command: str, args) -> int:
         from .label import run
     elif command == "jobs":
         from .label import show as run
+    elif command == "evaluate":
+        from .evaluate import run
     elif command == "worker":
         from .worker import run
     else:
@@ -29,7 +31,7 @@ def _run(command: str, args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="label-studio-sam3", description="SAM 3 ML backend for Label Studio")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_serve, _predict, _label, _jobs, _worker, _health):
+    for add in (_serve, _predict, _label, _evaluate, _jobs, _worker, _health):
         add(sub)
     return parser
 
@@ -78,6 +80,25 @@ def _label(sub) -> None:
     label.add_argument("--dry-run", action="store_true", help="label --limit tasks (default 10), print, post nothing")
     label.add_argument("--queue", action="store_true", help="enqueue for rq workers (REDIS_URL) and print the job id")
     label.set_defaults(func=lambda a: _run("label", a))
+
+
+def _evaluate(sub) -> None:
+    ev = sub.add_parser("evaluate", help="SAM 3 against the project's annotations: figures per label, a threshold "
+                                         "per label, an HTML report (posts nothing)")
+    ev.add_argument("--project", type=int, required=True)
+    ev.add_argument("--limit", type=int, help="evaluate N annotated tasks, sampled (default: all of them)")
+    ev.add_argument("--seed", type=int, help="which N (default 0: the same sample every time)")
+    ev.add_argument("--tasks", type=int, nargs="+", help="only these task ids")
+    ev.add_argument("--iou", type=float, help="mask IoU a detection needs to match an annotation (default 0.5)")
+    ev.add_argument("--target-precision", type=float,
+                    help="recommend each label's lowest threshold that reaches this precision (default: best F1)")
+    ev.add_argument("--prompt", action="append", default=[], metavar="PROMPT[=LABEL]",
+                    help="text prompt and its label (default: the project's own ontology)")
+    ev.add_argument("--threshold", type=float, help="the confidence to evaluate at (default: the project's)")
+    ev.add_argument("--json", help="write the figures as JSON to this file")
+    ev.add_argument("--html", help="write the report here (default sam3-evaluation-project<ID>.html)")
+    ev.add_argument("--queue", action="store_true", help="enqueue for rq workers (REDIS_URL) and print the job id")
+    ev.set_defaults(func=lambda a: _run("evaluate", a))
 
 
 def _jobs(sub) -> None:

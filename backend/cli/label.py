@@ -140,6 +140,7 @@ def show(args) -> int:
         print(summary(data))
     else:
         for j in data["jobs"]:
-            print(f"{j['id']}  {j['status']:<9}  project {j['project']:<5}  {j['processed']}/{j['total']} tasks  "
+            print(f"{j['id']}  {j.get('mode', 'label'):<8}  {j['status']:<9}  project {j['project']:<5}  "
+                  f"{j['processed']}/{j['total']} tasks  "
                   f"{j['predicted']} predicted  {j['failed']} failed  {j.get('created_at', '')}")
     return 0

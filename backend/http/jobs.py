@@ -1,7 +1,7 @@
 """Bulk label jobs over HTTP: POST /jobs, GET /jobs, GET /jobs/<id>, DELETE /jobs/<id>."""
 from __future__ import annotations
 
-from flask import Blueprint, jsonify, request
+from flask import Blueprint, Response, jsonify, request
 
 from ..errors import BackendError
 from ..jobs import lifecycle
@@ -42,6 +42,22 @@ def blueprint(jobs: JobService, projects: Projects) -> Blueprint:
         if job is None:
             raise BackendError(f"no job {job_id}", 404)
         return jsonify(view(job))
+
+    @bp.get("/jobs/<job_id>/report")
+    @bp.get("/jobs/<job_id>/report.json")
+    def job_report(job_id):
+        """An evaluation's report: the page, or its figures as JSON."""
+        job = store.get(job_id)
+        if job is None:
+            raise BackendError(f"no job {job_id}", 404)
+        if job.request.mode != "evaluate":
+            raise BackendError(f"job {job_id} is a label job: only evaluations have a report", 404)
+        ready = store.report(job_id)
+        if ready is None:
+            raise BackendError(f"job {job_id} is {job.status.value}: its report is ready when it has succeeded", 404)
+        if request.path.endswith(".json"):
+            return jsonify(ready[0])
+        return Response(ready[1], mimetype="text/html")
 
     @bp.delete("/jobs/<job_id>")
     def cancel_job(job_id):

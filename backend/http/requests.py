@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from ..annotate.ontology import extra_params
 from ..annotate.task import Task
 from ..errors import BackendError
 from ..validate import parse_json, whole
@@ -44,19 +45,6 @@ def project_key(value) -> str:
     if not isinstance(value, str) or not _PROJECT.fullmatch(value):
         raise BackendError("'project' must be a Label Studio project id, like \"12\" or \"12.1700000000\"")
     return value.split(".")[0]
-
-
-def extra_params(value) -> dict:
-    """The model connection's extra params: an object, or the JSON text the Connect Model form sends."""
-    if value is None or value == "":
-        return {}
-    if isinstance(value, str):
-        if len(value) > 1 << 16:
-            raise BackendError("extra_params is longer than 65536 characters")
-        value = parse_json(value, "extra_params") if value.strip() else {}
-    if not isinstance(value, dict):
-        raise BackendError("extra_params must be a JSON object, e.g. {\"ontology\": {...}, \"thresholds\": {...}}")
-    return value
 
 
 @dataclass

@@ -36,9 +36,20 @@ def chunks_done(job_id: str) -> str:
     return job(job_id) + ":chunks_done"
 
 
+def results(job_id: str) -> str:
+    """Hash: an evaluation's result per task (JSON)."""
+    return job(job_id) + ":results"
+
+
+def report(job_id: str) -> str:
+    """Hash: an evaluation's report ("json") and page ("html")."""
+    return job(job_id) + ":report"
+
+
 def of_job(job_id: str) -> tuple[str, ...]:
     """Every key of a job (to expire them together)."""
-    return job(job_id), done(job_id), workers(job_id), errors(job_id), chunks(job_id), chunks_done(job_id)
+    return (job(job_id), done(job_id), workers(job_id), errors(job_id), chunks(job_id), chunks_done(job_id),
+            results(job_id), report(job_id))
 
 
 def lock(scope: str) -> str:

@@ -9,6 +9,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
+from ..annotate.ontology import extra_params
 from ..annotate.project import Project
 from ..annotate.regions import Outline
 from ..config import Settings
@@ -82,18 +83,43 @@ def create(store: JobStore, api: LabelStudioAPI, settings: Settings, sam3: Sam3M
         raise BackendError(f"Label Studio at {api.ls.url} is not answering: {e}", 424) from None
     config = data.get("label_config") if isinstance(data, dict) else None
     config = config if isinstance(config, str) else ""
+    if req.ontology is None and req.thresholds is None:  # what the project uses, as Retrieve Predictions does
+        req.ontology, req.thresholds, req.extra_params_from = connected_extra_params(quick, pid)
     project = project_for(settings, sam3, api, config, req)
+    if req.mode == "evaluate" and project.require_config().is_video:
+        raise BackendError("evaluation compares image regions (polygons, brush masks, boxes); this project labels "
+                           "videos")
     job_id = uuid.uuid4().hex[:12]
     # Resolved here, so every worker labels with exactly these whatever its own environment says.
     resolved = project.job_request()
     req.ontology, req.thresholds, req.outline = resolved["ontology"], resolved["thresholds"], resolved["outline"]
     mv = project.model_version
-    # What claims and the one-active-job lock are about; a dry run posts nothing, so it locks nothing.
-    scope = f"dry-{job_id}" if req.dry_run else f"{pid}:{mv}"
+    # What claims and the one-active-job lock are about; a dry run or an evaluation posts nothing: no lock.
+    posts = not req.dry_run and req.mode == "label"
+    scope = f"{pid}:{mv}" if posts else f"{'dry' if req.dry_run else 'eval'}-{job_id}"
     job = Job(id=job_id, status=JobStatus.QUEUED, project=pid, model_version=mv, request=req, label_config=config,
-              created_at=now(), scope=scope, lock=None if req.dry_run else scope)
+              created_at=now(), scope=scope, lock=scope if posts else None)
     store.create(job)
     return store.get(job_id)
+
+
+def connected_extra_params(api: LabelStudioAPI, pid: int) -> tuple[object, dict | None, str]:
+    """(ontology, thresholds, where from): the extra params of the ML backend connected to the project in Label
+    Studio (the most recently updated, if several), else none (the environment's then apply)."""
+    try:
+        backends = api.ml_backends(pid)
+    except (BackendError, Transient) as e:
+        raise BackendError(f"could not read the ML backends of project {pid} from Label Studio: "
+                           f"{getattr(e, 'message', None) or e}", 424) from None
+    if not backends:
+        return None, None, "environment"
+    ml = max(backends, key=lambda m: (str(m.get("updated_at") or ""), m.get("id") or 0))
+    try:
+        extra = extra_params(ml.get("extra_params"))
+    except BackendError as e:
+        raise BackendError(f"the extra params of ML backend {ml.get('id')} connected to project {pid} cannot be read: "
+                           f"{e.message}") from None
+    return extra.get("ontology"), extra.get("thresholds"), f"ml backend {ml.get('id')}"
 
 
 def cancel(store: JobStore, job_id: str) -> Job:

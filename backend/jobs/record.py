@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 from enum import Enum
 
 from ..errors import BackendError
-from ..validate import parse_bool, whole
+from ..validate import number, parse_bool, whole
 
 DRY_RUN_LIMIT = 10  # tasks a dry run labels when it names no limit
 COUNTERS = ("total", "processed", "predicted", "skipped", "failed", "regions_added", "chunks_total", "frames",
@@ -54,8 +54,15 @@ class JobRequest:
     overwrite: bool = False
     dry_run: bool = False
     chunk_size: int | None = None
+    mode: str = "label"  # label: post predictions; evaluate: compare with the annotations, post nothing
+    iou: float = 0.5  # evaluate: the mask IoU a detection needs to match an annotation
+    target_precision: float | None = None  # evaluate: recommend the lowest threshold that reaches it
+    seed: int = 0  # evaluate: which `limit` annotated tasks are sampled
+    extra_params_from: str | None = None  # where the ontology and thresholds came from (set when created)
 
-    FIELDS = ("project", "ontology", "thresholds", "tasks", "limit", "overwrite", "dry_run", "chunk_size")
+    FIELDS = ("project", "ontology", "thresholds", "tasks", "limit", "overwrite", "dry_run", "chunk_size", "mode",
+              "iou", "target_precision", "seed")
+    MODES = ("label", "evaluate")
 
     @classmethod
     def parse(cls, body, max_tasks: int = 10000) -> tuple[int, "JobRequest"]:
@@ -90,9 +97,32 @@ class JobRequest:
             if value is not None and not whole(value, 1, most):
                 raise BackendError(f"'{name}' must be a whole number from 1 to {most}, or null")
             setattr(req, name, value)
+        req._parse_evaluation(body)
         if req.dry_run and req.limit is None:
             req.limit = DRY_RUN_LIMIT
         return int(project), req
+
+    def _parse_evaluation(self, body: dict) -> None:
+        mode = body.get("mode") or "label"
+        if mode not in self.MODES:
+            raise BackendError(f"'mode' must be one of {', '.join(self.MODES)}")
+        self.mode = mode
+        for name, least in (("iou", 0.0), ("target_precision", 0.0)):
+            value = body.get(name)
+            if value is None:
+                continue
+            if mode != "evaluate":
+                raise BackendError(f"'{name}' is for \"mode\": \"evaluate\"")
+            v = number(value, f"'{name}'")
+            if not least < v <= 1:
+                raise BackendError(f"'{name}' must be above {least:g} and at most 1")
+            setattr(self, name, v)
+        seed = body.get("seed")
+        if seed is not None and not whole(seed, 0, 2**31):
+            raise BackendError("'seed' must be a whole number from 0")
+        self.seed = seed or 0
+        if mode == "evaluate" and (self.overwrite or self.dry_run):
+            raise BackendError("an evaluation posts nothing: 'overwrite' and 'dry_run' are for label jobs")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -163,7 +193,9 @@ def now() -> float:
 def view(job: Job) -> dict:
     """The job as GET /jobs shows it: counters, rate, ETA, ISO times; no internals."""
     out = {k: v for k, v in job.stored().items() if k not in ("label_config", "lock")}
-    out.update(chunks_done=job.chunks_done, errors=job.errors, workers=job.workers)
+    out.update(mode=job.request.mode, chunks_done=job.chunks_done, errors=job.errors, workers=job.workers)
+    if job.request.mode == "evaluate":  # its figures, once it succeeded; the page at once
+        out["report_url"] = f"/jobs/{job.id}/report"
     if job.predictions is None:
         del out["predictions"]
     for key in ("started_at", "finished_at", "cancelled_at", "error"):

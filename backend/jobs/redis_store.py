@@ -264,3 +264,16 @@ class RedisStore:
             for key in keys.of_job(job_id):
                 p.expire(key, self.ttl)
             p.execute()
+
+    def put_result(self, job_id: str, task_id, result: dict) -> None:
+        self.r.hset(keys.results(job_id), str(task_id), json.dumps(result))
+
+    def results(self, job_id: str) -> dict:
+        return {k.decode(): json.loads(v) for k, v in self.r.hgetall(keys.results(job_id)).items()}
+
+    def set_report(self, job_id: str, report: dict, page: str) -> None:
+        self.r.hset(keys.report(job_id), mapping={"json": json.dumps(report), "html": page})
+
+    def report(self, job_id: str) -> tuple[dict, str] | None:
+        raw = self.r.hgetall(keys.report(job_id))
+        return (json.loads(raw[b"json"]), raw[b"html"].decode()) if raw else None

@@ -10,6 +10,7 @@ that finishes twice counts once, and the job succeeds only when every chunk is f
 from __future__ import annotations
 
 import logging
+import random
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,7 +23,8 @@ from ..annotate.task import Task
 from ..errors import BackendError, Skip
 from ..labelstudio.retry import Backoff, Transient
 from ..sam3.model import JOB_WAIT
-from . import poster
+from . import evaluation, poster
+from .evaluation import EvaluationRun
 from .heartbeat import Heartbeat
 from .lifecycle import Context, fail
 from .record import ACTIVE, Job, JobStatus, now
@@ -45,17 +47,23 @@ def plan(ctx: Context, job_id: str) -> list[list[int]]:
     req = job.request
     wanted = set(req.tasks) if req.tasks else None
     seen, todo, skipped = set(), [], {}
+    evaluate = req.mode == "evaluate"
     with Heartbeat(ctx):  # paging through a large project takes a while
         for tid, annotated in ctx.require_api().task_ids(job.project):
             if wanted is not None and tid not in wanted:
                 continue
             seen.add(tid)
-            if annotated:
+            if bool(annotated) == evaluate:
+                todo.append(tid)  # a label job labels what no person has; an evaluation compares with them
+            elif not evaluate:
                 skipped[tid] = 0  # human work is never touched
-            else:
-                todo.append(tid)
     missing = sorted(wanted - seen) if wanted else []
-    if req.limit:
+    if evaluate and not todo:
+        raise BackendError(f"project {job.project} has no annotated tasks to evaluate against"
+                           + (" among the tasks asked for" if wanted else ""))
+    if req.limit and evaluate:
+        todo = sorted(random.Random(req.seed).sample(todo, min(req.limit, len(todo))))  # a sample, repeatable
+    elif req.limit:
         todo = todo[: req.limit]
     size = 10**9 if req.dry_run else (req.chunk_size or ctx.settings.job_chunk)
     chunks = [todo[i:i + size] for i in range(0, len(todo), size)]
@@ -68,7 +76,7 @@ def plan(ctx: Context, job_id: str) -> list[list[int]]:
     log.info("job %s: %d tasks to label in %d chunks, %d skipped (annotated), %d not found", job_id, len(todo),
              len(chunks), len(skipped), len(missing))
     if not chunks:
-        finish(store, job_id)
+        finish(ctx, job_id)
     return chunks
 
 
@@ -95,7 +103,8 @@ def run_chunk(ctx: Context, job_id: str, index: int, task_ids: list[int], wait: 
                 break
             mine = sorted(beat.claim(left))
             if mine:
-                ChunkRun(ctx, job, project, labeller, beat).run(mine)
+                kind = EvaluationRun if job.request.mode == "evaluate" else ChunkRun
+                kind(ctx, job, project, labeller, beat).run(mine)
             else:  # another runner holds them: wait for it to finish them, or for its lease to lapse
                 time.sleep(wait)
     log.info("job %s: chunk %d of %d tasks, seconds per stage: %s", job_id, index, len(task_ids), labeller.stages)
@@ -103,7 +112,7 @@ def run_chunk(ctx: Context, job_id: str, index: int, task_ids: list[int], wait: 
         log.info("job %s: chunk %d stopped, the job is %s", job_id, index, store.status(job_id).value)
         return labeller.stages
     if store.finish_chunk(job_id, index) >= (store.get(job_id).chunks_total or 0):
-        finish(store, job_id)
+        finish(ctx, job_id)
     return labeller.stages
 
 
@@ -218,11 +227,19 @@ def _result(future: Future) -> None:
             continue
 
 
-def finish(store, job_id: str) -> None:
-    """Every chunk is done: succeeded, unless every task failed (then the errors say why)."""
+def finish(ctx: Context, job_id: str) -> None:
+    """Every chunk is done: succeeded, unless every task failed (then the errors say why). An evaluation's report
+    is built first (a report that cannot be built fails the job, saying why)."""
+    store = ctx.store
     job = store.get(job_id)
     status = JobStatus.FAILED if job.failed and not job.predicted and not job.skipped else JobStatus.SUCCEEDED
     fields = {"error": "every task failed; see errors"} if status == JobStatus.FAILED else {}
+    if status == JobStatus.SUCCEEDED and job.request.mode == "evaluate" and job.active:
+        try:
+            store.set_report(job_id, *evaluation.report(ctx, job))
+        except Exception as e:
+            log.exception("job %s: the evaluation report could not be built", job_id)
+            status, fields = JobStatus.FAILED, {"error": f"the report could not be built: {type(e).__name__}: {e}"}
     if store.transition(job_id, (JobStatus.RUNNING,), status=status, finished_at=now(), **fields):
         log.info("job %s %s: %d tasks, %d predicted (%d regions), %d skipped, %d failed", job_id, status.value,
                  job.total, job.predicted, job.regions_added, job.skipped, job.failed)

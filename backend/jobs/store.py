@@ -68,6 +68,10 @@ class JobStore(Protocol):
               job_id: str | None = None) -> set[int]: ...
     def release(self, scope: str, held: dict[int, int], owner: str) -> None: ...
     def add_error(self, job_id: str, task_id, message: str) -> None: ...
+    def put_result(self, job_id: str, task_id, result: dict) -> None: ...
+    def results(self, job_id: str) -> dict: ...
+    def set_report(self, job_id: str, report: dict, page: str) -> None: ...
+    def report(self, job_id: str) -> tuple[dict, str] | None: ...
 
 
 class MemoryStore:
@@ -82,6 +86,8 @@ class MemoryStore:
         self._jobs: dict[str, dict] = {}  # id -> stored fields (Job.stored())
         self._done: dict[str, set] = {}
         self._chunks_done: dict[str, set] = {}
+        self._results: dict[str, dict] = {}  # evaluation: task -> its result
+        self._reports: dict[str, tuple[dict, str]] = {}  # evaluation: its report (JSON) and page (HTML)
         self._errors: dict[str, list] = {}
         self._workers: dict[str, dict] = {}
         self._chunks: dict[str, list] = {}
@@ -111,7 +117,8 @@ class MemoryStore:
         excess = len(self._jobs) - self.max_jobs + 1
         for i, (finished_at, job_id) in enumerate(ended):
             if i < excess or finished_at < now - self.keep_finished:
-                for table in (self._jobs, self._done, self._chunks_done, self._errors, self._workers, self._chunks):
+                for table in (self._jobs, self._done, self._chunks_done, self._errors, self._workers, self._chunks,
+                              self._results, self._reports):
                     table.pop(job_id, None)
         # Fencing tokens outlive claims (a paused runner's token must stay stale), but not every job of their scope.
         scopes = {j.get("scope") for j in self._jobs.values()}
@@ -233,3 +240,19 @@ class MemoryStore:
             errors = self._errors[job_id]
             errors.insert(0, {"task": task_id, "error": message, "at": time.time()})
             del errors[MAX_ERRORS:]
+
+    def put_result(self, job_id: str, task_id, result: dict) -> None:
+        with self._lock:
+            self._results.setdefault(job_id, {})[str(task_id)] = result
+
+    def results(self, job_id: str) -> dict:
+        with self._lock:
+            return dict(self._results.get(job_id, {}))
+
+    def set_report(self, job_id: str, report: dict, page: str) -> None:
+        with self._lock:
+            self._reports[job_id] = (report, page)
+
+    def report(self, job_id: str) -> tuple[dict, str] | None:
+        with self._lock:
+            return self._reports.get(job_id)

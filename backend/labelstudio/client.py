@@ -274,6 +274,11 @@ class LabelStudioAPI:
         """The task with its data, annotations and predictions (each with its model_version)."""
         return self.json("GET", f"/api/tasks/{int(task_id)}")
 
+    def ml_backends(self, project_id: int) -> list[dict]:
+        """The ML backends connected to the project (with their extra params), as Label Studio lists them."""
+        data = self.json("GET", "/api/ml", params={"project": int(project_id)})
+        return [m for m in data if isinstance(m, dict)] if isinstance(data, list) else []
+
     def predictions(self, task_id: int) -> list[dict]:
         """The task's predictions alone (id, model_version, result...): a third of the cost of reading the task."""
         data = self.json("GET", "/api/predictions/", params={"task": int(task_id)})
