@@ -94,6 +94,15 @@ class Settings:
     predict_budget: float = setting("SAM3_PREDICT_BUDGET", 60.0)
     # Label Studio's ML_TIMEOUT_PREDICT: answers later than this are posted instead
     predict_timeout: float = setting("SAM3_PREDICT_TIMEOUT", 100.0)
+    # pre-annotation of large images: off | auto (tiles of the model's input size when the long side exceeds twice
+    # it) | TILE:OVERLAP (pixels : fraction of a tile); a project's extra params "tiling" overrides it
+    tiling: str = setting("SAM3_TILING", "off")
+    max_tiles: int = setting("SAM3_MAX_TILES", 256)  # tiles per image (413 above: raise it or use larger tiles)
+    # mask IoU at which detections from overlapping tiles (or a tile and the whole image) are one object
+    tile_merge: float = setting("SAM3_TILE_MERGE", 0.5)
+    # clicks and boxes on an image whose long side exceeds twice the model's input are answered on a crop around
+    # the prompt at native resolution (grown while the object reaches the crop's edge): auto | off
+    click_crop: str = setting("SAM3_CLICK_CROP", "auto")
     # a video task's file, downloaded to a temporary file before decoding
     max_video_mb: float = setting("SAM3_MAX_VIDEO_MB", 512.0)
     # frames one video task may have (Label Studio's count at the config's framerate)
@@ -124,6 +133,7 @@ class Settings:
             default = BULK_ENCODE_BATCH if bulk and f.name == "encode_batch" else f.default
             values[f.name] = _parse(name, raw, default) if raw else default
         values["device"], values["dtype"] = values["device"].lower(), values["dtype"].lower()
+        values["click_crop"] = values["click_crop"].lower()
         values["label_studio_url"] = values["label_studio_url"].rstrip("/")
         values["log_level"] = values["log_level"].upper()
         return cls(**values)
@@ -147,13 +157,17 @@ class Settings:
             out.append(f"DEVICE={self.device} is not a device: auto, cpu, cuda or cuda:N")
         if self.dtype not in ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"):
             out.append(f"SAM3_DTYPE={self.dtype}: one of auto, float32, bfloat16, float16")
-        for name in ("mask_threshold", "text_threshold", "nms_iou"):
+        if not re.fullmatch(r"off|auto|[0-9]+(:[0-9.]+)?", self.tiling.lower()):
+            out.append(f"SAM3_TILING={self.tiling}: off, auto, or TILE:OVERLAP (e.g. 1008:0.2)")
+        if self.click_crop not in ("auto", "off"):
+            out.append(f"SAM3_CLICK_CROP={self.click_crop}: auto or off")
+        for name in ("mask_threshold", "text_threshold", "nms_iou", "tile_merge"):
             if not 0 <= getattr(self, name) <= 1:
                 out.append(f"{name} must be between 0 and 1")
         for name in ("max_image_mb", "max_image_pixels", "fetch_timeout", "max_body_mb", "read_timeout",
                      "max_prompts", "max_prompt_chars", "max_ontology", "max_projects", "max_job_tasks", "max_jobs",
                      "max_pieces", "max_polygon_points", "encode_batch", "predict_budget", "predict_timeout",
-                     "max_detections",
+                     "max_detections", "max_tiles",
                      "fetch_retries", "api_retries", "job_chunk", "post_batch", "job_heartbeat", "max_video_mb",
                      "max_video_frames", "video_window", "video_min_track", "video_max_objects"):
             if getattr(self, name) <= 0:

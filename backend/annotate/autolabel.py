@@ -16,9 +16,11 @@ import numpy as np
 import torch
 from torchvision.ops import nms
 
+from ..errors import BackendError
 from ..sam3.detections import Detections
 from . import geometry
 from .ontology import Entry, Thresholds
+from .tiling import Tiler, Tiling
 
 log = logging.getLogger(__name__)
 
@@ -41,29 +43,40 @@ class Stages:
 
 class AutoLabeler:
     def __init__(self, engine, entries: list[Entry], thresholds: Thresholds, mask_threshold: float = 0.5,
-                 chunk: int = 4):
+                 chunk: int = 4, tiling: Tiling | None = None):
         self.engine = engine
         self.entries = entries
         self.thresholds = thresholds
         self.mask_threshold = mask_threshold
         self.chunk = chunk  # images per ViT forward
+        self.tiling = tiling or Tiling()
         self.stages = Stages()
 
-    def label(self, enc, entries: list[Entry] | None = None, exemplars=()) -> Detections:
+    def label(self, enc, entries: list[Entry] | None = None, exemplars=(), image=None) -> Detections:
         """Every instance on one encoded image, labelled, thresholded, de-duplicated, best first
-        (`exemplars`: boxes the instances should look like, or not; see `Sam3Engine.detect`)."""
+        (`exemplars`: boxes the instances should look like, or not; see `Sam3Engine.detect`). With the decoded
+        `image`, a large one is also looked at tile by tile when the project tiles (`detect`)."""
         entries = self.entries if entries is None else entries
         # The lowest threshold any entry of a prompt uses, so the engine upsamples only what may be kept.
         floor = min(self.thresholds.for_label(e.label, e.threshold) for e in entries)
-        found = self.detect(enc, entries, floor, exemplars)
+        found = self.detect(enc, entries, floor, exemplars, image)
         return self.select(found, entries, self.thresholds, enc.height, enc.width)
 
-    def detect(self, enc, entries: list[Entry], floor: float, exemplars=()) -> dict[str, Detections]:
-        """Each distinct prompt's instances scoring above `floor` (at most max_detections each), in one forward."""
+    def detect(self, enc, entries: list[Entry], floor: float, exemplars=(), image=None) -> dict[str, Detections]:
+        """Each distinct prompt's instances scoring above `floor` (at most max_detections each, per tile when
+        tiled), in one forward per image or tile. Tiled when `image` is given, the project tiles and the image is
+        large enough (`tiling.Tiling.grid`); exemplar boxes are drawn on the whole image, so they are not tiled."""
         t0 = time.perf_counter()
         prompts = list(dict.fromkeys(e.prompt for e in entries))
-        found = dict(zip(prompts, self.engine.detect(enc, prompts, floor, self.mask_threshold,
-                                                     self.thresholds.max_detections, exemplars)))
+        grid = None
+        if image is not None and not exemplars and self.tiling.mode != "off":
+            grid = self.tiling.grid(enc.width, enc.height, self.engine.image_size)
+        if grid:
+            found = Tiler(self.engine, self.tiling, self.mask_threshold, self.thresholds.max_detections,
+                          self.chunk).detect(enc, image, grid, prompts, floor)
+        else:
+            found = dict(zip(prompts, self.engine.detect(enc, prompts, floor, self.mask_threshold,
+                                                         self.thresholds.max_detections, exemplars)))
         self.stages.add("decode", time.perf_counter() - t0)
         return found
 
@@ -73,33 +86,35 @@ class AutoLabeler:
         with its label, then (with `nms`) duplicates across prompts suppressed, best first, at most
         `max_detections`."""
         t0 = time.perf_counter()
-        masks, scores, labels = [], [], []
+        picks = []  # (detections, index, label)
         for e in entries:
             d = found[e.prompt]
             th = thresholds.for_label(e.label, e.threshold)
-            for m, s in zip(d.masks, d.scores):
-                if s >= th and m.sum() >= max(thresholds.min_area, 1):
-                    masks.append(m)
-                    scores.append(float(s))
-                    labels.append(e.label)
-        dets = self._best(masks, scores, labels, height, width, thresholds)
+            picks += [(d, i, e.label) for i, s in enumerate(d.scores)
+                      if s >= th and d.masks[i].sum() >= max(thresholds.min_area, 1)]
+        dets = self._best(picks, height, width, thresholds)
         self.stages.add("select", time.perf_counter() - t0)
         return dets
 
     @staticmethod
-    def _best(masks, scores, labels, height, width, thresholds: Thresholds) -> Detections:
-        if not masks:
+    def _best(picks: list, height: int, width: int, thresholds: Thresholds) -> Detections:
+        if not picks:
             return Detections.empty(height, width)
+        scores = [float(d.scores[i]) for d, i, _ in picks]
         order = np.argsort(-np.asarray(scores), kind="stable")
-        if thresholds.nms and len(masks) > 1:
-            boxes = torch.tensor([geometry.mask_to_box(m) for m in masks], dtype=torch.float32)
+        if thresholds.nms and len(picks) > 1:
+            boxes = torch.tensor([d.box(i) for d, i, _ in picks], dtype=torch.float32)
             keep = nms(boxes, torch.tensor(scores, dtype=torch.float32), thresholds.nms_iou).numpy()
             order = keep  # nms returns indices sorted by decreasing score
-        order = order[: thresholds.max_detections]
-        return Detections(np.stack([masks[i] for i in order]), np.array([scores[i] for i in order]),
-                          [labels[i] for i in order])
+        chosen = [picks[k] for k in order[: thresholds.max_detections]]
+        masks, labels = [d.masks[i] for d, i, _ in chosen], [label for _, _, label in chosen]
+        kept = np.array([scores[k] for k in order[: thresholds.max_detections]])
+        if any(d.sparse for d, _, _ in chosen):
+            return Detections(masks, kept, labels, [d.origin(i) for d, i, _ in chosen], (height, width))
+        return Detections(np.stack(masks), kept, labels)
 
     PREFETCH = 16  # loads that may run ahead of the model
+    PREFETCH_TILED = 2  # when the project tiles: its images are large, and each keeps the model busy for long
     FETCH_THREADS = 8
 
     def run(
@@ -112,7 +127,8 @@ class AutoLabeler:
     ) -> Iterator[tuple[object, object, Detections | None, Exception | None]]:
         """(item, image, detections, error) for each item, in input order.
 
-        `measure(enc, entries)` replaces `label` (what an evaluation records of an image instead of its regions).
+        `measure(enc, entries, image)` replaces `label` (what an evaluation records of an image instead of its
+        regions).
 
         `load(item)` fetches and decodes an image on a worker thread, once per item; up to PREFETCH loads run
         ahead of the model, so slow image servers overlap with compute. A failed load yields
@@ -131,11 +147,12 @@ class AutoLabeler:
                     per_item = (time.monotonic() - started) / start
                     if time.monotonic() + per_item * min(chunk, len(items) - start) > deadline:
                         return
-                while submitted < min(start + chunk + self.PREFETCH, len(items)):
+                ahead = self.PREFETCH if self.tiling.mode == "off" else self.PREFETCH_TILED
+                while submitted < min(start + chunk + ahead, len(items)):
                     futures[submitted] = pool.submit(load, items[submitted])
                     submitted += 1
                 batch = range(start, min(start + chunk, len(items)))
-                yield from self._chunk([(items[j], futures.pop(j)) for j in batch], entries_for, measure or self.label)
+                yield from self._chunk([(items[j], futures.pop(j)) for j in batch], entries_for, measure or self._label)
         finally:  # stopped early (deadline, the caller stopped reading): downloads not yet started are dropped
             pool.shutdown(wait=False, cancel_futures=True)
 
@@ -157,13 +174,19 @@ class AutoLabeler:
                 yield item, images.get(j), None, errors[j]
                 continue
             try:
-                dets = measure(by_index[j], entries_for(item) if entries_for else None)
+                dets = measure(by_index[j], entries_for(item) if entries_for else None, images[j])
+            except BackendError as e:  # a rule the item breaks (too many tiles): reported per task, no traceback
+                yield item, images[j], None, e
+                continue
             except Exception as e:
                 log.exception("labelling item %s failed", item)
                 yield item, images[j], None, e
                 continue
             self.stages.images += 1
             yield item, images[j], dets, None
+
+    def _label(self, enc, entries, image) -> Detections:
+        return self.label(enc, entries, image=image)
 
     def _encode(self, images: dict, errors: dict) -> dict:
         """Encodings by index: one batched ViT pass, or, when that fails (out of memory, one bad image),

@@ -16,6 +16,8 @@ from .. import metrics
 from ..errors import BackendError
 from ..sam3.detections import Detections
 from ..sam3.model import CLICK_WAIT
+from . import crops
+from .crops import Picture
 from .ontology import Entry
 from .project import Project
 from .prompts import Prompt, parse_context
@@ -31,6 +33,8 @@ class Clicks:
     def __init__(self, project: Project):
         self.project = project
         self._url_keys: LRUCache = LRUCache(maxsize=self.URLS)  # image URL digest -> encoding key
+        self._sizes: LRUCache = LRUCache(maxsize=self.URLS)  # image URL digest -> (width, height)
+        self._crops = crops.Crops(self.URLS)
         self._lock = threading.Lock()
 
     def answer(self, task: Task, context: dict) -> dict:
@@ -44,30 +48,40 @@ class Clicks:
         image = prompt.image or config.image  # the Image the annotator clicked on
         label = self._label(prompt, image)
         control = config.output_for(label, image)
-        url = p.image_url(task, image)
+        picture = self._picture(p.image_url(task, image))
         engine = p.sam3.wait(timeout=CLICK_WAIT)
         with engine.urgent():  # an annotator waits: this goes before any bulk work queued for the model
-            enc = self._encoding(engine, url)
             t0 = time.perf_counter()
-            dets = self._segment(engine, enc, prompt, label)
+            dets = self._segment(engine, picture, prompt, label)
         regions = to_regions(dets, control, **p.outline.polygon_settings())
         log.debug("task %s: %d regions in %.3fs", task.id, len(regions), time.perf_counter() - t0)
         return p.prediction(regions, float(dets.scores.max()) if len(dets) else 0.0)
 
-    def _segment(self, engine, enc, prompt: Prompt, label: str) -> Detections:
+    def _segment(self, engine, picture: Picture, prompt: Prompt, label: str) -> Detections:
         mask_threshold = self.project.outline.mask_threshold
         if prompt.text or prompt.exemplars:
             # every instance (of the phrase, or like the exemplar boxes, named by their label), under the
-            # project's thresholds: the same rule as batch and jobs
+            # project's thresholds and tiling: the same rules as batch and jobs
+            enc = self._encoding(engine, picture)
+            tiled = not prompt.exemplars and self.project.tiling.grid(enc.width, enc.height, engine.image_size)
             return self.project.auto_labeler(engine).label(enc, [Entry(prompt.text or label, label)],
-                                                           prompt.exemplars_px(enc.width, enc.height))
-        if len(prompt.boxes) > 1:  # several boxes: one object each
-            parts = [engine.segment(enc, box=b, mask_threshold=mask_threshold)
-                     for b in prompt.boxes_px(enc.width, enc.height)]
+                                                           prompt.exemplars_px(enc.width, enc.height),
+                                                           image=picture.image if tiled else None)
+        width, height = picture.size
+        boxes = prompt.boxes_px(width, height) or [None]
+        points = prompt.points_px(width, height)
+        if self.project.settings.click_crop == "auto" and crops.applies(width, height, engine.image_size):
+            # at native resolution, on a crop around the prompt; several boxes: one object each
+            parts = [self._crops.segment(engine, picture, points if len(boxes) == 1 else [],
+                                         prompt.point_labels if len(boxes) == 1 else [], box, mask_threshold)
+                     for box in boxes]
+            return Detections([m for m, _, _ in parts], np.array([sc for _, _, sc in parts]), [label] * len(parts),
+                              np.array([o for _, o, _ in parts]), (height, width))
+        enc = self._encoding(engine, picture)
+        if len(boxes) > 1:
+            parts = [engine.segment(enc, box=b, mask_threshold=mask_threshold) for b in boxes]
             return Detections(np.stack([m for m, _ in parts]), np.array([sc for _, sc in parts]), [label] * len(parts))
-        box = prompt.boxes_px(enc.width, enc.height)[0] if prompt.boxes else None
-        mask, score = engine.segment(enc, prompt.points_px(enc.width, enc.height), prompt.point_labels, box,
-                                     mask_threshold)
+        mask, score = engine.segment(enc, points, prompt.point_labels, boxes[0], mask_threshold)
         return Detections(mask[None], np.array([score]), [label])
 
     def notice(self, message: str, context: dict) -> dict | None:
@@ -103,16 +117,27 @@ class Clicks:
         raise BackendError("no label for this prompt: select a label before clicking, or type a label name "
                            f"(one of: {', '.join(labels)})")
 
-    def _encoding(self, engine, url: str):
-        """The image's cached encoding; a warm click skips the download and the ViT."""
+    def _picture(self, url: str) -> Picture:
         ref = hashlib.sha1(url.encode(errors="replace")).hexdigest()  # a data: URI can be megabytes
         with self._lock:
-            key = self._url_keys.get(ref)
+            size = self._sizes.get(ref)
+        return Picture(url, ref, self._load, size)
+
+    def _load(self, url: str):
+        image = self.project.loader.load(url)
+        with self._lock:
+            self._sizes[hashlib.sha1(url.encode(errors="replace")).hexdigest()] = image.size
+        return image
+
+    def _encoding(self, engine, picture: Picture):
+        """The whole image's cached encoding; a warm click skips the download and the ViT."""
+        with self._lock:
+            key = self._url_keys.get(picture.ref)
         enc = engine.cache.get(key) if key else None
         if enc is None:
-            enc = engine.encode(self.project.loader.load(url))
+            enc = engine.encode(picture.image)
             with self._lock:
-                self._url_keys[ref] = enc.key
+                self._url_keys[picture.ref] = enc.key
         else:
             metrics.CACHE_EVENTS.labels("hit").inc()
         return enc

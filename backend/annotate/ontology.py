@@ -123,7 +123,7 @@ def parse_ontology(spec, config: LabelConfig, max_entries: int = 256, max_chars:
     return list(dict.fromkeys(entries))
 
 
-EXTRA_KEYS = ("ontology", "thresholds")
+EXTRA_KEYS = ("ontology", "thresholds", "tiling")
 
 
 def extra_params(value) -> dict:

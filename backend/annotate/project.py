@@ -15,6 +15,7 @@ from .autolabel import AutoLabeler
 from .labelconfig import LabelConfig
 from .ontology import Entry, Thresholds
 from .regions import Outline
+from .tiling import Tiling
 from .task import Task
 
 
@@ -48,6 +49,8 @@ class Project:
         base = Thresholds(confidence=s.text_threshold, max_detections=s.max_detections, min_area=s.min_area,
                           nms=s.nms, nms_iou=s.nms_iou)
         self.thresholds = Thresholds.from_dict(extra.get("thresholds"), Thresholds.from_dict(env_thresholds, base))
+        self.tiling = Tiling.parse(extra["tiling"] if extra.get("tiling") is not None else s.tiling, s.tile_merge,
+                                   s.max_tiles, "tiling" if extra.get("tiling") is not None else "SAM3_TILING")
         spec = extra.get("ontology") or env_ontology or None
         self.ontology: list[Entry] | None = (
             ontology.parse_ontology(spec, self.config, s.max_ontology, s.max_prompt_chars)
@@ -74,6 +77,8 @@ class Project:
             spec["polygon"] = [out.tolerance, out.holes, out.max_pieces, out.max_points]
         if "videorectangle" in kinds:
             spec["video"] = [out.video_min_track, out.video_max_objects]
+        if self.tiling.mode != "off" and not config.is_video:  # off: the versions untiled projects always had
+            spec["tiling"] = self.tiling.spec()
         return spec
 
     @property
@@ -89,10 +94,10 @@ class Project:
                                                                     self.output_spec()))
 
     def job_request(self) -> dict:
-        """The ontology, thresholds and outline a job records, so every worker labels exactly as this project
+        """The ontology, thresholds, outline and tiling a job records, so every worker labels exactly as this project
         does whatever its own environment says (and so reaches this model_version)."""
         return {"ontology": [asdict(e) for e in self.ontology or []], "thresholds": asdict(self.thresholds),
-                "outline": self.outline.to_dict()}
+                "outline": self.outline.to_dict(), "tiling": self.tiling.spec()}
 
     # ---- answers -----------------------------------------------------------------------------------
     def prediction(self, regions: list[dict], score: float) -> dict:
@@ -115,4 +120,4 @@ class Project:
 
     def auto_labeler(self, engine, encode_batch: int | None = None) -> AutoLabeler:
         return AutoLabeler(engine, self.ontology or [], self.thresholds, self.outline.mask_threshold,
-                           encode_batch or self.settings.encode_batch)
+                           encode_batch or self.settings.encode_batch, self.tiling)

@@ -64,20 +64,20 @@ def to_regions(dets: Detections, control: Control, *, tolerance: float = 1.0, mi
     and score."""
     if len(dets) == 0:
         return []
-    height, width = dets.masks.shape[1:]
+    height, width = dets.height, dets.width
     out = []
-    for mask, score, label in zip(dets.masks, dets.scores, dets.labels):
+    for i, (mask, score, label) in enumerate(zip(dets.masks, dets.scores, dets.labels)):
         if control.type == "polygonlabels":
             for poly in geometry.mask_to_polygons(mask, tolerance=tolerance, min_area=min_area, holes=holes,
                                                   max_pieces=max_pieces, max_points=max_points):
-                points = geometry.polygon_to_percent(poly, width, height)
+                points = geometry.polygon_to_percent(poly + dets.origin(i), width, height)
                 out.append(_region(control, width, height, label, score, {"points": points, "closed": True}))
         elif control.type == "brushlabels":
             if mask.sum() >= min_area:
-                rle = geometry.mask_to_rle(mask)
+                rle = geometry.mask_to_rle(dets.full_mask(i))
                 out.append(_region(control, width, height, label, score, {"format": "rle", "rle": rle}))
         else:
-            box = geometry.mask_to_box(mask)
+            box = dets.box(i)
             if box is not None and mask.sum() >= min_area:  # the same specks a polygon would drop
                 x0, y0, x1, y1 = box
                 value = {

@@ -64,6 +64,7 @@ def _predict(sub) -> None:
     pred.add_argument("--threshold", type=float, help="minimum score (default SAM3_TEXT_THRESHOLD, 0.5)")
     pred.add_argument("--model", help="checkpoint (default SAM3_MODEL)")
     pred.add_argument("--device")
+    pred.add_argument("--tiling", help="off, auto or TILE:OVERLAP, e.g. 1008:0.2 (default: SAM3_TILING)")
     pred.set_defaults(func=lambda a: _run("predict", a))
 
 
@@ -76,6 +77,8 @@ def _label(sub) -> None:
     label.add_argument("--prompt", action="append", default=[], metavar="PROMPT[=LABEL]",
                        help="text prompt and its label (default: the project's labels)")
     label.add_argument("--threshold", type=float, help="minimum score")
+    label.add_argument("--tiling", help="off, auto or TILE:OVERLAP, e.g. 1008:0.2 (default: the connected model's "
+                                        "extra params, else SAM3_TILING)")
     label.add_argument("--chunk-size", type=int, help="tasks per rq job (default SAM3_JOB_CHUNK)")
     label.add_argument("--dry-run", action="store_true", help="label --limit tasks (default 10), print, post nothing")
     label.add_argument("--queue", action="store_true", help="enqueue for rq workers (REDIS_URL) and print the job id")
@@ -95,6 +98,8 @@ def _evaluate(sub) -> None:
     ev.add_argument("--prompt", action="append", default=[], metavar="PROMPT[=LABEL]",
                     help="text prompt and its label (default: the project's own ontology)")
     ev.add_argument("--threshold", type=float, help="the confidence to evaluate at (default: the project's)")
+    ev.add_argument("--tiling", help="off, auto or TILE:OVERLAP, e.g. 1008:0.2 (default: the connected model's "
+                                     "extra params, else SAM3_TILING)")
     ev.add_argument("--json", help="write the figures as JSON to this file")
     ev.add_argument("--html", help="write the report here (default sam3-evaluation-project<ID>.html)")
     ev.add_argument("--queue", action="store_true", help="enqueue for rq workers (REDIS_URL) and print the job id")

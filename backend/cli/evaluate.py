@@ -23,6 +23,8 @@ def request(args) -> dict:
         body["thresholds"] = {"confidence": args.threshold}
     if args.tasks:
         body["tasks"] = args.tasks
+    if args.tiling:
+        body["tiling"] = args.tiling
     return {k: v for k, v in body.items() if v is not None}
 
 

@@ -20,6 +20,8 @@ def request(args) -> dict:
         body["thresholds"] = {"confidence": args.threshold}
     if args.tasks:
         body["tasks"] = args.tasks
+    if args.tiling:
+        body["tiling"] = args.tiling
     return body
 
 

@@ -68,7 +68,7 @@ def run(args) -> int:
         sam3 = Sam3Model(settings).load()
         engine = sam3.wait(0)
         project = Project(settings, sam3, label_config(args, ontology),
-                          {"ontology": ontology or None, "thresholds": thresholds})
+                          {"ontology": ontology or None, "thresholds": thresholds, "tiling": args.tiling})
         labeller = Labeller(project, engine)
         files = LocalFiles(labeller)
     except BackendError as e:

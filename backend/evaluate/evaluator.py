@@ -75,19 +75,19 @@ class Evaluator:
             yield tasks[i], result, error
             measured, error = {}, None
 
-    def measure(self, enc, entries: list[Entry]) -> dict:
+    def measure(self, enc, entries: list[Entry], image=None) -> dict:
         """An image's detections as the regions Label Studio would store, rasterised back to masks (RLE): those the
-        project keeps, the candidates, and per prompt."""
+        project keeps, the candidates, and per prompt. Tiled as the project tiles (given the decoded `image`)."""
         auto, th, (h, w) = self.labeller.auto, self.project.thresholds, (enc.height, enc.width)
-        image = self._image_of(entries)
-        found = auto.detect(enc, entries, self.floor)
+        found = auto.detect(enc, entries, self.floor, image=image)
+        name = self._image_of(entries)
         current = auto.select(found, entries, th, h, w)
         candidates = auto.select(found, [Entry(e.prompt, e.label) for e in entries], self.floor_thresholds, h, w)
         several = {label for label, n in Counter(e.label for e in entries).items() if n > 1}
         prompts = [{"prompt": e.prompt, **d} for e in entries if e.label in several
-                   for d in self._rendered(auto.select(found, [e], replace(th, nms=False), h, w), image)]
-        return {"width": w, "height": h, "current": self._rendered(current, image),
-                "dt": self._rendered(candidates, image), "prompts": prompts}
+                   for d in self._rendered(auto.select(found, [e], replace(th, nms=False), h, w), name)]
+        return {"width": w, "height": h, "current": self._rendered(current, name),
+                "dt": self._rendered(candidates, name), "prompts": prompts}
 
     def _image_of(self, entries: list[Entry]) -> str:
         config = self.project.require_config()
@@ -99,7 +99,7 @@ class Evaluator:
         brush, box: simplification, caps and specks included), rasterised back and joined into one mask: an
         instance is what the model found, however many regions Label Studio stores for it."""
         config, shape = self.project.require_config(), self.project.outline.polygon_settings()
-        h, w = dets.masks.shape[1:] if len(dets) else (0, 0)
+        h, w = dets.height, dets.width
         out = []
         for i in range(len(dets)):
             one = dets[[i]]

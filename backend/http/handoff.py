@@ -25,7 +25,7 @@ class Handoff:
                 return None
             request = model.project.job_request()
             body = {"project": int(project), "tasks": ids, "ontology": request["ontology"],
-                    "thresholds": request["thresholds"]}
+                    "thresholds": request["thresholds"], "tiling": request["tiling"]}
             return self.jobs.start(body, model.hostname, model.access_token).id
 
         return handoff

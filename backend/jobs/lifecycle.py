@@ -52,10 +52,11 @@ class Context:
 
 def project_for(settings: Settings, sam3: Sam3Model, api: LabelStudioAPI | None, label_config: str,
                 req: JobRequest) -> Project:
-    """The project a job labels with: its label config, the request's ontology, thresholds and outline."""
+    """The project a job labels with: its label config, the request's ontology, thresholds, outline and tiling."""
     if not (label_config or "").strip():
         raise BackendError("the project has no label config")
-    project = Project(settings, sam3, label_config, {"ontology": req.ontology, "thresholds": req.thresholds},
+    project = Project(settings, sam3, label_config,
+                      {"ontology": req.ontology, "thresholds": req.thresholds, "tiling": req.tiling},
                       api.ls.url if api else "", api.ls.token if api else "",
                       Outline.from_dict(req.outline) if req.outline else None,
                       # nobody waits on a job's image: it may retry as long as the API calls do
@@ -84,7 +85,9 @@ def create(store: JobStore, api: LabelStudioAPI, settings: Settings, sam3: Sam3M
     config = data.get("label_config") if isinstance(data, dict) else None
     config = config if isinstance(config, str) else ""
     if req.ontology is None and req.thresholds is None:  # what the project uses, as Retrieve Predictions does
-        req.ontology, req.thresholds, req.extra_params_from = connected_extra_params(quick, pid)
+        extra, req.extra_params_from = connected_extra_params(quick, pid)
+        req.ontology, req.thresholds = extra.get("ontology"), extra.get("thresholds")
+        req.tiling = extra.get("tiling") if req.tiling is None else req.tiling
     project = project_for(settings, sam3, api, config, req)
     if req.mode == "evaluate" and project.require_config().is_video:
         raise BackendError("evaluation compares image regions (polygons, brush masks, boxes); this project labels "
@@ -92,7 +95,8 @@ def create(store: JobStore, api: LabelStudioAPI, settings: Settings, sam3: Sam3M
     job_id = uuid.uuid4().hex[:12]
     # Resolved here, so every worker labels with exactly these whatever its own environment says.
     resolved = project.job_request()
-    req.ontology, req.thresholds, req.outline = resolved["ontology"], resolved["thresholds"], resolved["outline"]
+    req.ontology, req.thresholds, req.outline, req.tiling = (resolved["ontology"], resolved["thresholds"],
+                                                             resolved["outline"], resolved["tiling"])
     mv = project.model_version
     # What claims and the one-active-job lock are about; a dry run or an evaluation posts nothing: no lock.
     posts = not req.dry_run and req.mode == "label"
@@ -103,23 +107,23 @@ def create(store: JobStore, api: LabelStudioAPI, settings: Settings, sam3: Sam3M
     return store.get(job_id)
 
 
-def connected_extra_params(api: LabelStudioAPI, pid: int) -> tuple[object, dict | None, str]:
-    """(ontology, thresholds, where from): the extra params of the ML backend connected to the project in Label
-    Studio (the most recently updated, if several), else none (the environment's then apply)."""
+def connected_extra_params(api: LabelStudioAPI, pid: int) -> tuple[dict, str]:
+    """(extra params, where from): those of the ML backend connected to the project in Label Studio (the most
+    recently updated, if several), else none (the environment's then apply)."""
     try:
         backends = api.ml_backends(pid)
     except (BackendError, Transient) as e:
         raise BackendError(f"could not read the ML backends of project {pid} from Label Studio: "
                            f"{getattr(e, 'message', None) or e}", 424) from None
     if not backends:
-        return None, None, "environment"
+        return {}, "environment"
     ml = max(backends, key=lambda m: (str(m.get("updated_at") or ""), m.get("id") or 0))
     try:
         extra = extra_params(ml.get("extra_params"))
     except BackendError as e:
         raise BackendError(f"the extra params of ML backend {ml.get('id')} connected to project {pid} cannot be read: "
                            f"{e.message}") from None
-    return extra.get("ontology"), extra.get("thresholds"), f"ml backend {ml.get('id')}"
+    return extra, f"ml backend {ml.get('id')}"
 
 
 def cancel(store: JobStore, job_id: str) -> Job:

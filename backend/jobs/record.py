@@ -43,13 +43,14 @@ FINAL = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
 
 @dataclass
 class JobRequest:
-    """A job request with every field checked (`parse`); `ontology`, `thresholds` and `outline` are resolved
+    """A job request with every field checked (`parse`); `ontology`, `thresholds`, `outline` and `tiling` are resolved
     against the project when the job is created, so every worker labels exactly the same way."""
 
     tasks: list[int] | None = None  # None: the whole project
     ontology: object = None
     thresholds: dict | None = None
     outline: dict | None = None
+    tiling: object = None  # as extra params take it; resolved to `Tiling.spec()` when the job is created
     limit: int | None = None
     overwrite: bool = False
     dry_run: bool = False
@@ -60,7 +61,7 @@ class JobRequest:
     seed: int = 0  # evaluate: which `limit` annotated tasks are sampled
     extra_params_from: str | None = None  # where the ontology and thresholds came from (set when created)
 
-    FIELDS = ("project", "ontology", "thresholds", "tasks", "limit", "overwrite", "dry_run", "chunk_size", "mode",
+    FIELDS = ("project", "ontology", "thresholds", "tiling", "tasks", "limit", "overwrite", "dry_run", "chunk_size", "mode",
               "iou", "target_precision", "seed")
     MODES = ("label", "evaluate")
 
@@ -85,7 +86,7 @@ class JobRequest:
                 raise BackendError(f"'tasks' names {len(tasks)} tasks; at most {max_tasks} (SAM3_MAX_JOB_TASKS) in one "
                                    "job: split the list, or leave 'tasks' out to label the whole project", 413)
         req = cls(tasks=sorted(set(tasks)) if tasks else None, ontology=body.get("ontology"),
-                  thresholds=body.get("thresholds"))
+                  thresholds=body.get("thresholds"), tiling=body.get("tiling"))
         for name in ("overwrite", "dry_run"):
             try:
                 value = body.get(name)

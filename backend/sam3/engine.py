@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 MAX_PROMPT_TOKENS = 32  # SAM 3's text encoder has 32 positions; longer prompts raise in the model
 MAX_PROMPT_CHARS = 1000  # nothing this long fits in 32 tokens; refused before the tokenizer sees it
 TEXT_CACHE = 4096  # distinct prompts whose text features are kept
+SHRINK_ABOVE = 16e6  # pixels; larger images are shrunk with PIL before the processor (`Sam3Engine._bounded`)
 
 
 @dataclass
@@ -117,6 +118,11 @@ class EncodingCache:
     def __len__(self) -> int:
         return len(self._items)
 
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+        metrics.CACHE_BYTES.set(0)
+
     def __contains__(self, key: str) -> bool:
         return key in self._items
 
@@ -125,7 +131,10 @@ def image_key(image: Image.Image) -> str:
     """Content hash: the same pixels share an encoding whatever URL they came from."""
     h = hashlib.blake2b(digest_size=16)
     h.update(f"{image.mode}{image.size}".encode())
-    h.update(image.tobytes())
+    # In strips: `tobytes()` of a whole 12000 x 9000 photo would copy it (324 MB, twice at its peak).
+    step = max(1, (8 << 20) // max(1, image.width * len(image.getbands())))
+    for y in range(0, image.height, step):
+        h.update(image.crop((0, y, image.width, min(image.height, y + step))).tobytes())
     return h.hexdigest()
 
 
@@ -272,18 +281,22 @@ class Sam3Engine:
             self.cache.put(enc)
         return enc
 
-    def encode_many(self, images: Sequence[Image.Image], keys: Sequence[str] | None = None) -> list[Encoding]:
-        """Encode several images in one ViT forward; cached ones are not recomputed."""
+    def encode_many(self, images: Sequence[Image.Image], keys: Sequence[str] | None = None,
+                    cache: bool = True) -> list[Encoding]:
+        """Encode several images in one ViT forward; cached ones are not recomputed. `cache=False`: neither
+        looked up nor kept (the tiles of a large image: seen once, they would push clicks' encodings out)."""
         keys = list(keys) if keys is not None else [image_key(im) for im in images]
-        found = {k: self.cache.get(k) for k in keys}
+        found = {k: self.cache.get(k) if cache else None for k in keys}
         todo = [(im, k) for im, k in zip(images, keys) if found[k] is None]
-        metrics.CACHE_EVENTS.labels("hit").inc(len(images) - len(todo))
-        metrics.CACHE_EVENTS.labels("miss").inc(len(todo))
+        if cache:
+            metrics.CACHE_EVENTS.labels("hit").inc(len(images) - len(todo))
+            metrics.CACHE_EVENTS.labels("miss").inc(len(todo))
         if todo:
             with self._lock:
                 for enc in self._encode([im for im, _ in todo], [k for _, k in todo]):
                     found[enc.key] = enc
-                    self.cache.put(enc)
+                    if cache:
+                        self.cache.put(enc)
         return [found[k] for k in keys]
 
     @torch.inference_mode()
@@ -291,7 +304,7 @@ class Sam3Engine:
         from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
 
         t0 = time.perf_counter()
-        px = self.processor.image_processor(images=[im.convert("RGB") for im in images], return_tensors="pt")
+        px = self.processor.image_processor(images=[self._bounded(im) for im in images], return_tensors="pt")
         pixel_values = px["pixel_values"].to(self.device, self.dtype)
         vis = self.detector.get_vision_features(pixel_values=pixel_values)
         tracker = self._tracker_embeddings(vis.last_hidden_state)
@@ -310,6 +323,15 @@ class Sam3Engine:
             )
             out.append(Encoding(key, im.height, im.width, one, trk, nbytes))
         return out
+
+    def _bounded(self, image: Image.Image) -> Image.Image:
+        """RGB, and a very large image first shrunk to twice the model's input with PIL: the processor would hold it
+        as a full-size tensor only to resize it (a 12000 x 9000 photo: 1.3 GB more), and SAM 3 sees it at its input
+        size either way."""
+        if image.width * image.height > SHRINK_ABOVE:
+            side = 2 * self.image_size
+            image = image.resize((side, side), Image.BILINEAR)
+        return image.convert("RGB")
 
     def _tracker_embeddings(self, hidden: torch.Tensor) -> list[torch.Tensor]:
         # What Sam3TrackerModel.get_image_embeddings computes, from the shared ViT's output.
@@ -378,13 +400,15 @@ class Sam3Engine:
     def detect(
         self, enc: Encoding, prompts: Sequence[str], threshold: float = 0.5, mask_threshold: float = 0.5,
         max_keep: int = 100, exemplars: Sequence[tuple[tuple[float, float, float, float], int]] = (),
+        size: tuple[int, int] | None = None,
     ) -> list[Detections]:
         """Every instance of each text prompt, decoded together in one forward on the cached image.
 
         `exemplars`: pixel xyxy boxes with 1 (more like this) or 0 (not like this), given with every prompt:
         SAM 3 then finds the instances like the positive boxes. Returns one `Detections` per prompt, labelled
         with the prompt: its best `max_keep` instances scoring above `threshold`. Only those are upsampled, so
-        memory is O(kept), not O(queries).
+        memory is O(kept), not O(queries). `size` (height, width): the masks' size, when not the image's own (a
+        very large image's whole-image pass, at a bounded resolution).
         """
         from transformers.modeling_outputs import BaseModelOutputWithPooling
         from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
@@ -422,7 +446,8 @@ class Sam3Engine:
             keep = (scores[i] > threshold).nonzero().flatten()
             keep = keep[scores[i][keep].argsort(descending=True)][:max_keep]
             # Only the kept queries are upsampled to full resolution.
-            masks = upsample(out.pred_masks[i, keep].float(), enc.height, enc.width, mask_threshold)
+            height, width = size or (enc.height, enc.width)
+            masks = upsample(out.pred_masks[i, keep].float(), height, width, mask_threshold)
             results.append(Detections(masks, scores[i, keep].cpu().numpy(), [prompt] * len(keep)))
         return results
 
