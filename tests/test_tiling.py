@@ -3,6 +3,7 @@
 The tiling, merging, cropping and coordinate logic is checked against known truth with a stand-in detector at the
 engine's boundary (`discs.DiscEngine`: dark discs found by thresholding at the model's input resolution); the real
 engine with the tiny checkpoint runs the same paths end to end (over HTTP and in a job)."""
+import hashlib
 import json
 
 import cv2
@@ -311,7 +312,11 @@ def test_real_engine_tiles_a_batch_and_answers_clicks_on_crops(settings, engine)
             "params": {"context": ctx}}
     first = client.post("/predict", json=body).get_json()["results"][0]["result"]
     crops = engine.vit_passes - passes
-    assert 1 <= crops <= 3  # 112, 224, then the whole 400 x 300 image at most
+    rects = [tuple(map(int, k.split(":crop:")[1].split(","))) for k in list(engine.cache._items)
+             if ":crop:" in k and k.startswith(hashlib.sha1(url.encode()).hexdigest())]
+    # one encoding per crop, each twice the last (112, 224, then the whole 400 x 300 image), around the click
+    assert len(rects) == crops and [r[2] - r[0] for r in rects] == [112, 224, 400][:crops]
+    assert all(r[0] <= 200 < r[2] and r[1] <= 150 < r[3] for r in rects)
     assert all(0 <= v <= 100 for reg in first for p in reg["value"]["points"] for v in p)
     second = client.post("/predict", json=body).get_json()["results"][0]["result"]
     assert engine.vit_passes - passes == crops  # warm: nothing encoded again

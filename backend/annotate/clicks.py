@@ -121,12 +121,12 @@ class Clicks:
         ref = hashlib.sha1(url.encode(errors="replace")).hexdigest()  # a data: URI can be megabytes
         with self._lock:
             size = self._sizes.get(ref)
-        return Picture(url, ref, self._load, size)
+        return Picture(url, ref, lambda u: self._load(u, ref), size)
 
-    def _load(self, url: str):
+    def _load(self, url: str, ref: str):
         image = self.project.loader.load(url)
         with self._lock:
-            self._sizes[hashlib.sha1(url.encode(errors="replace")).hexdigest()] = image.size
+            self._sizes[ref] = image.size  # later clicks choose crop or whole image without a download
         return image
 
     def _encoding(self, engine, picture: Picture):

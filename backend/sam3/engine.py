@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 MAX_PROMPT_TOKENS = 32  # SAM 3's text encoder has 32 positions; longer prompts raise in the model
 MAX_PROMPT_CHARS = 1000  # nothing this long fits in 32 tokens; refused before the tokenizer sees it
 TEXT_CACHE = 4096  # distinct prompts whose text features are kept
-SHRINK_ABOVE = 16e6  # pixels; larger images are shrunk with PIL before the processor (`Sam3Engine._bounded`)
+SHRINK_ABOVE = 16e6  # pixels; larger images are shrunk with PIL before the processor (`bounded`)
 
 
 @dataclass
@@ -136,6 +136,15 @@ def image_key(image: Image.Image) -> str:
     for y in range(0, image.height, step):
         h.update(image.crop((0, y, image.width, min(image.height, y + step))).tobytes())
     return h.hexdigest()
+
+
+def bounded(image: Image.Image, model_size: int) -> Image.Image:
+    """RGB, and a very large image first shrunk to twice the model's input with PIL: SAM 3's processor would hold it
+    as a full-size tensor only to resize it (a 12000 x 9000 photo: 1.3 GB more), and the model sees it at its
+    input size either way."""
+    if image.width * image.height > SHRINK_ABOVE:
+        image = image.resize((2 * model_size, 2 * model_size), Image.BILINEAR)
+    return image.convert("RGB")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -304,7 +313,8 @@ class Sam3Engine:
         from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
 
         t0 = time.perf_counter()
-        px = self.processor.image_processor(images=[self._bounded(im) for im in images], return_tensors="pt")
+        px = self.processor.image_processor(images=[bounded(im, self.image_size) for im in images],
+                                            return_tensors="pt")
         pixel_values = px["pixel_values"].to(self.device, self.dtype)
         vis = self.detector.get_vision_features(pixel_values=pixel_values)
         tracker = self._tracker_embeddings(vis.last_hidden_state)
@@ -323,15 +333,6 @@ class Sam3Engine:
             )
             out.append(Encoding(key, im.height, im.width, one, trk, nbytes))
         return out
-
-    def _bounded(self, image: Image.Image) -> Image.Image:
-        """RGB, and a very large image first shrunk to twice the model's input with PIL: the processor would hold it
-        as a full-size tensor only to resize it (a 12000 x 9000 photo: 1.3 GB more), and SAM 3 sees it at its input
-        size either way."""
-        if image.width * image.height > SHRINK_ABOVE:
-            side = 2 * self.image_size
-            image = image.resize((side, side), Image.BILINEAR)
-        return image.convert("RGB")
 
     def _tracker_embeddings(self, hidden: torch.Tensor) -> list[torch.Tensor]:
         # What Sam3TrackerModel.get_image_embeddings computes, from the shared ViT's output.
